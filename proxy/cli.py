@@ -1,0 +1,196 @@
+"""The ``hsm-proxy`` command line: argument parsing and wiring only, no logic of its own.
+
+Commands:
+  dev     serve https://localhost:8443 from a SoftHSM2 dev token made in a state directory
+  run     serve from a TOML config file (production)
+  check   build and validate everything a config names, print a table, serve nothing
+  doctor  list the tokens and keys a PKCS#11 module shows
+
+Every :class:`ProxyError` becomes one line on stderr and exit status 1; usage errors exit 2.
+PINs are never accepted on the command line: they come from a file or a variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from proxy import __version__
+from proxy.config import (
+    ProxyConfig,
+    TLSConfig,
+    TokenConfig,
+    load_config,
+    parse_address,
+    parse_upstream,
+)
+from proxy.errors import ProxyError
+from proxy.logs import audit_signature, log, setup_logging
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hsm-proxy",
+        description="TLS-terminating reverse proxy whose private keys never leave a PKCS#11 token.",
+    )
+    parser.add_argument("--version", action="version", version=f"hsm-proxy {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "text"],
+        help="auto: text on a terminal, JSON lines otherwise",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = commands.add_parser("dev", help="serve https://localhost:8443 from a SoftHSM2 dev token")
+    dev.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where the dev token, CA and certificate live "
+        "(default: $XDG_STATE_HOME/hsm-proxy/dev)",
+    )
+    dev.add_argument(
+        "--listen", default="localhost:8443", help="HOST:PORT (default localhost:8443)"
+    )
+    dev.add_argument(
+        "--upstream",
+        default=None,
+        help="http://HOST:PORT to forward to (default: a built-in demo upstream)",
+    )
+
+    run = commands.add_parser("run", help="serve as a TOML config file says")
+    run.add_argument("--config", type=Path, required=True)
+
+    check = commands.add_parser("check", help="validate a config, its token, key and certificate")
+    check.add_argument("--config", type=Path, required=True)
+
+    doctor = commands.add_parser("doctor", help="list the tokens and keys of a PKCS#11 module")
+    doctor.add_argument("--module", required=True, help="path of the PKCS#11 module (.so)")
+    return parser
+
+
+def _serve(config: ProxyConfig, banner: list[str]) -> int:
+    from proxy.reload import GenerationHolder, build_generation
+    from proxy.server import serve
+
+    generation = build_generation(config, audit_signature)
+    log.info(
+        f"token {generation.token.label!r}: key {generation.key.info.describe()} "
+        f"({'never extractable' if generation.key.info.never_extractable else 'EXTRACTABLE'}), "
+        f"{generation.token.pool_size} sessions"
+    )
+    holder = GenerationHolder(generation)
+
+    def ready(addresses: list[str]) -> None:
+        for address in addresses:
+            log.info(f"serving https://{address} -> {config.upstream}")
+        for line in banner:
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        trio.run(serve, holder, config.listen, ready)
+    finally:
+        holder.close()
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from proxy.demo import start_demo_upstream
+    from proxy.devstate import default_state_dir, prepare_dev_state
+
+    state_dir = args.state_dir or default_state_dir()
+    listen = parse_address(args.listen, "--listen")
+    upstream_url = args.upstream or start_demo_upstream()
+    upstream = parse_upstream(upstream_url, "--upstream")
+    state = prepare_dev_state(state_dir)
+    config = ProxyConfig(
+        listen=listen,
+        upstream=upstream,
+        token=TokenConfig(module=state.module, pin=state.pin),
+        tls=TLSConfig(certificate=state.certificate, key=state.key_uri),
+        source="hsm-proxy dev",
+    )
+    local = ("localhost", "127.0.0.1", "::1", "0.0.0.0", "::")  # noqa: S104 - names, not a bind
+    host = "localhost" if listen.host in local else listen.host
+    banner = [
+        f"hsm-proxy dev: state directory {state.directory}",
+        f"  token:    {state.key_uri}",
+        f"  SoftHSM2: SOFTHSM2_CONF={state.directory / 'softhsm2.conf'}",
+        f"  CA:       {state.ca}",
+        f"  upstream: {upstream}{'' if args.upstream else ' (built-in demo)'}",
+        f"  try:      curl --cacert {state.ca} https://{host}:{listen.port}/",
+    ]
+    return _serve(config, banner)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from proxy.reload import build_generation
+
+    config = load_config(args.config)
+    generation = build_generation(config, audit_signature)
+    try:
+        info = generation.key.info
+        rows = [
+            ("config", str(args.config)),
+            (
+                "token",
+                f"{generation.token.label!r} logged in, {generation.token.pool_size} sessions",
+            ),
+            ("key", f"{config.tls.key} -> {info.describe()}"),
+            (
+                "custody",
+                f"sensitive={info.sensitive} extractable={info.extractable} "
+                f"never_extractable={info.never_extractable}",
+            ),
+            (
+                "certificate",
+                f"{generation.chain.leaf.subject.rfc4514_string()}, "
+                f"{len(generation.chain.certificates)} in chain, valid until "
+                f"{generation.chain.not_after():%Y-%m-%d}",
+            ),
+            ("match", "certificate key == token key, test signature verified"),
+        ]
+        for name, value in rows:
+            print(f"ok  {name:<12} {value}")
+    finally:
+        generation.close()
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from proxy.token import list_tokens
+
+    tokens = list_tokens(args.module)
+    if not tokens:
+        print(f"{args.module}: no initialised token")
+        return 1
+    for slot, label, serial in tokens:
+        print(f"slot {slot}: token {label!r} serial {serial!r}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    json_lines = {"auto": None, "json": True, "text": False}[args.log_format]
+    setup_logging(args.log_level, json_lines)
+    handlers = {
+        "dev": _dev,
+        "run": lambda a: _serve(load_config(a.config), []),
+        "check": _check,
+        "doctor": _doctor,
+    }
+    try:
+        return handlers[args.command](args)
+    except ProxyError as error:
+        print(f"hsm-proxy: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,243 @@
+"""Configuration: frozen dataclasses built from a TOML file (``run``) or from flags (``dev``).
+
+Theory of operation. :func:`load_config` reads TOML with ``tomllib`` and walks it with a
+strict reader: an unknown key, a missing key or a value of the wrong type is a
+:class:`ConfigError` that names the key (``tls.certificate: ...``). Relative paths are
+taken relative to the config file. The result holds references to secrets (a PIN file or
+variable name), never secret values; secrets.py resolves them when a generation is built.
+
+Example (the README documents every key)::
+
+    listen = "0.0.0.0:8443"
+    upstream = "http://127.0.0.1:8080"
+
+    [token]
+    module = "/usr/lib/softhsm/libsofthsm2.so"
+    pin_file = "/run/secrets/hsm-pin"        # or: pin_env = "HSM_PROXY_PIN"
+    sessions = 4
+
+    [tls]
+    certificate = "/etc/hsm-proxy/chain.pem"  # leaf first, then intermediates
+    key = "pkcs11:token=proxy;object=web-key;type=private"
+    handshake_timeout = 10.0
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from proxy.errors import ConfigError
+from proxy.pkcs11uri import KeyURI, parse_key_uri
+from proxy.secrets import PinSource
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    host: str
+    port: int
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == 80 else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"http://{self.authority}"
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    module: str
+    pin: PinSource
+    sessions: int = 4
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: Path
+    key: KeyURI
+    handshake_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    listen: Address
+    upstream: UpstreamConfig
+    token: TokenConfig
+    tls: TLSConfig
+    source: str = field(default="<flags>", compare=False)
+
+
+def parse_address(text: str, where: str) -> Address:
+    """``HOST:PORT`` or ``[IPv6]:PORT``; port 0 asks the system for a free one."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ConfigError(f"{where}: {text!r} is not [IPV6]:PORT")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{where}: {host!r} is not an IPv6 address") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon or not host:
+            raise ConfigError(f"{where}: {text!r} is not HOST:PORT (for example 127.0.0.1:8443)")
+        if ":" in host:
+            raise ConfigError(f"{where}: write an IPv6 address in brackets, as [{host}]:PORT")
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{where}: port {port_text!r} is not a number from 0 to 65535")
+    return Address(host, int(port_text))
+
+
+def parse_upstream(text: str, where: str) -> UpstreamConfig:
+    """``http://HOST[:PORT]``: the proxy speaks plaintext HTTP/1.1 to its backends."""
+    parts = urlsplit(text)
+    if parts.scheme != "http":
+        raise ConfigError(
+            f"{where}: {text!r} must be an http:// URL (the proxy sends plaintext HTTP/1.1 "
+            "to upstreams)"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"{where}: {text!r} has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(f"{where}: {text!r} must be just http://HOST[:PORT], without a path")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} has an invalid port") from None
+    return UpstreamConfig(parts.hostname, port)
+
+
+class _Table:
+    """A TOML table read strictly: every key must be consumed, every type checked."""
+
+    def __init__(self, data: dict[str, Any], prefix: str) -> None:
+        self._data = dict(data)
+        self._prefix = prefix
+        self._known: list[str] = []
+
+    def _name(self, key: str) -> str:
+        return f"{self._prefix}{key}"
+
+    def take(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self._known.append(key)
+        if key not in self._data:
+            if default is ...:
+                raise ConfigError(f"{self._name(key)}: required key is missing")
+            return default
+        value = self._data.pop(key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int subclass in Python, but `sessions = true` is not a number.
+        if isinstance(value, bool) and bool not in kinds:
+            raise ConfigError(f"{self._name(key)}: expected {_kind_name(kinds)}, got a boolean")
+        if not isinstance(value, kinds):
+            raise ConfigError(
+                f"{self._name(key)}: expected {_kind_name(kinds)}, got {type(value).__name__}"
+            )
+        return value
+
+    def table(self, key: str) -> _Table:
+        value = self.take(key, dict)
+        return _Table(value, f"{self._name(key)}.")
+
+    def finish(self) -> None:
+        for key in self._data:
+            raise ConfigError(
+                f"{self._name(key)}: unknown key (known here: {', '.join(self._known)})"
+            )
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        dict: "a table",
+        bool: "true/false",
+    }
+    return " or ".join(names.get(kind, kind.__name__) for kind in kinds)
+
+
+def _positive(value: float, where: str) -> float:
+    if value <= 0:
+        raise ConfigError(f"{where}: must be greater than 0, got {value}")
+    return float(value)
+
+
+def _path(value: str, base: Path) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+def load_config(path: Path) -> ProxyConfig:
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return parse_config(data, base=path.parent.resolve(), source=str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
+    root = _Table(data, "")
+    listen = parse_address(root.take("listen", str, "127.0.0.1:8443"), "listen")
+    upstream = parse_upstream(root.take("upstream", str), "upstream")
+
+    token_table = root.table("token")
+    module = token_table.take("module", str)
+    pin_file = token_table.take("pin_file", str, None)
+    pin_env = token_table.take("pin_env", str, None)
+    if (pin_file is None) == (pin_env is None):
+        raise ConfigError(
+            "token: set exactly one of pin_file (a file holding the PIN) or pin_env (the name "
+            "of an environment variable holding it); a PIN value never goes in the config"
+        )
+    sessions = token_table.take("sessions", int, 4)
+    if not 1 <= sessions <= 256:
+        raise ConfigError(f"token.sessions: must be from 1 to 256, got {sessions}")
+    token_table.finish()
+    pin = PinSource(file=_path(pin_file, base)) if pin_file else PinSource(env=pin_env)
+
+    tls_table = root.table("tls")
+    certificate = _path(tls_table.take("certificate", str), base)
+    try:
+        key = parse_key_uri(tls_table.take("key", str))
+    except ConfigError as exc:
+        raise ConfigError(f"tls.key: {exc}") from None
+    timeout = _positive(
+        tls_table.take("handshake_timeout", (int, float), 10.0), "tls.handshake_timeout"
+    )
+    tls_table.finish()
+    root.finish()
+    return ProxyConfig(
+        listen=listen,
+        upstream=upstream,
+        token=TokenConfig(module=str(_path(module, base)), pin=pin, sessions=sessions),
+        tls=TLSConfig(certificate=certificate, key=key, handshake_timeout=timeout),
+        source=source,
+    )

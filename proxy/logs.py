@@ -1,0 +1,74 @@
+"""Logging: human-readable lines on a terminal, one JSON object per line otherwise.
+
+Three loggers matter: ``hsm_proxy`` (operations), ``hsm_proxy.access`` (one line per
+request) and ``hsm_proxy.audit`` (one line per token signature: the key-usage trail).
+Structured fields travel in ``extra={"fields": {...}}`` and become JSON keys. Nothing
+here ever receives a secret: callers pass key URIs (which cannot hold a PIN, see
+pkcs11uri.py), addresses and outcomes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime
+import json
+import logging
+import sys
+from typing import Any
+
+from proxy.token import SignatureEvent
+
+log = logging.getLogger("hsm_proxy")
+access_log = logging.getLogger("hsm_proxy.access")
+audit_log = logging.getLogger("hsm_proxy.audit")
+
+# Which connection a token signature is made for; trio copies it into worker threads.
+connection_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "connection_context", default=None
+)
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        return json.dumps(entry, sort_keys=False)
+
+
+class _HumanFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        extra = " ".join(f"{key}={value}" for key, value in fields.items())
+        return f"hsm-proxy: {record.getMessage()}{' ' + extra if extra else ''}"
+
+
+def setup_logging(level: str = "info", json_lines: bool | None = None) -> None:
+    """Configure the ``hsm_proxy`` loggers; JSON unless stderr is a terminal."""
+    if json_lines is None:
+        json_lines = not sys.stderr.isatty()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JSONFormatter() if json_lines else _HumanFormatter())
+    root = logging.getLogger("hsm_proxy")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def audit_signature(event: SignatureEvent) -> None:
+    """Token observer: one audit line per signature, with the connection it served."""
+    fields = {
+        "event": "token_signature",
+        "key_uri": event.key_uri,
+        "mechanism": event.mechanism.value,
+        "result": "ok" if event.ok else "error",
+        "latency_ms": round(event.seconds * 1000, 3),
+        **(connection_context.get() or {}),
+    }
+    if event.error:
+        fields["error"] = event.error
+    audit_log.info("token signature", extra={"fields": fields})
