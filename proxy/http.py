@@ -19,8 +19,8 @@ socket, and is tested without a network.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 
@@ -65,7 +65,7 @@ class ClientInfo:
 def _connection_tokens(headers: Headers) -> set[bytes]:
     named: set[bytes] = set()
     for name, value in headers:
-        if name == b"connection":
+        if name.lower() == b"connection":
             named.update(token.strip().lower() for token in value.split(b",") if token.strip())
     return named
 
@@ -73,33 +73,35 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
 def end_to_end_headers(headers: Headers) -> Headers:
     """``headers`` without hop-by-hop headers, nor any header the Connection header names."""
     drop = HOP_BY_HOP | _connection_tokens(headers)
-    return [(name, value) for name, value in headers if name not in drop]
+    return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
-def _lowered(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
-    return [(bytes(name).lower(), bytes(value)) for name, value in headers]
+def _as_sent(headers: Any) -> Headers:
+    """Header names as the peer wrote them (h11's ``raw_items``): backends see the client's
+    spelling, and a response keeps the upstream's."""
+    return [(bytes(name), bytes(value)) for name, value in headers.raw_items()]
 
 
 def upstream_request(request: h11.Request, client: ClientInfo) -> h11.Request:
     """The request to send upstream for ``request`` received from ``client``."""
-    received = _lowered(request.headers)
+    received = _as_sent(request.headers)
     headers = [
         (name, value)
         for name, value in end_to_end_headers(received)
-        if name not in _REPLACED_BY_PROXY and name != b"x-forwarded-for"
+        if name.lower() not in _REPLACED_BY_PROXY and name.lower() != b"x-forwarded-for"
     ]
-    previous_for = [value for name, value in received if name == b"x-forwarded-for"]
+    previous_for = [value for name, value in received if name.lower() == b"x-forwarded-for"]
     forwarded_for = b", ".join([*previous_for, client.address.encode("ascii")])
-    host = next((value for name, value in received if name == b"host"), None)
-    headers.append((b"x-forwarded-for", forwarded_for))
-    headers.append((b"x-forwarded-proto", b"https"))
+    host = next((value for name, value in received if name.lower() == b"host"), None)
+    headers.append((b"X-Forwarded-For", forwarded_for))
+    headers.append((b"X-Forwarded-Proto", b"https"))
     if host is not None:
-        headers.append((b"x-forwarded-host", host))
-    if not any(name == b"content-length" for name, _ in headers) and any(
-        name == b"transfer-encoding" for name, _ in received
+        headers.append((b"X-Forwarded-Host", host))
+    if not any(name.lower() == b"content-length" for name, _ in headers) and any(
+        name.lower() == b"transfer-encoding" for name, _ in received
     ):
         # h11 accepted the client's framing, so this was chunked: keep streaming it so.
-        headers.append((b"transfer-encoding", b"chunked"))
+        headers.append((b"Transfer-Encoding", b"chunked"))
     return h11.Request(
         method=request.method, target=request.target, headers=headers, http_version="1.1"
     )
@@ -107,7 +109,7 @@ def upstream_request(request: h11.Request, client: ClientInfo) -> h11.Request:
 
 def client_response(response: h11.Response) -> h11.Response:
     """The response to send the client for ``response`` received from upstream."""
-    headers = end_to_end_headers(_lowered(response.headers))
+    headers = end_to_end_headers(_as_sent(response.headers))
     return h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
 
 

@@ -23,7 +23,7 @@ access_log = logging.getLogger("hsm_proxy.access")
 audit_log = logging.getLogger("hsm_proxy.audit")
 
 # Which connection a token signature is made for; trio copies it into worker threads.
-connection_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+connection_context: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar(
     "connection_context", default=None
 )
 

@@ -243,9 +243,16 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
     except OSError:
         peer = "unknown"
     generation = state.holder.current
-    tls = TLSStream(stream, generation.ssl_context, state.sign_limiter)
-    context = {"connection_id": connection_id, "client": peer}
+    # One mutable dict per connection: worker threads see the same object, so the SNI
+    # name recorded during the handshake reaches the audit line of its signature.
+    context: dict[str, object] = {"connection_id": connection_id, "client": peer}
     connection_context.set(context)
+    tls = TLSStream(
+        stream,
+        generation.ssl_context,
+        state.sign_limiter,
+        on_server_name=lambda name: context.__setitem__("sni", name),
+    )
     try:
         try:
             with trio.fail_after(generation.config.tls.handshake_timeout):
@@ -256,7 +263,6 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
         except TLSError as exc:
             log.info(str(exc), extra={"fields": context})
             return
-        connection_context.set({**context, "sni": info.server_name})
         exchange = _Exchange(tls, ClientInfo(peer, info.server_name), info)
         await _serve_http(exchange, generation)
     except _ClientGone:

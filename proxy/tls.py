@@ -30,6 +30,7 @@ HTTP framing (h11) detects truncated messages on its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -61,6 +62,13 @@ def _choose_alpn(_connection: SSL.Connection, offered: list[bytes]) -> bytes | o
     return ALPN_HTTP11 if ALPN_HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
+def _server_name_seen(connection: SSL.Connection) -> None:
+    stream = connection.get_app_data()
+    name = connection.get_servername()
+    if isinstance(stream, TLSStream) and name:
+        stream.on_server_name(name.decode("idna"))
+
+
 def build_server_context(chain: Chain, key: KeySigner) -> SSL.Context:
     """A server context that serves ``chain`` with the token key behind ``key``."""
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
@@ -73,6 +81,7 @@ def build_server_context(chain: Chain, key: KeySigner) -> SSL.Context:
     )
     context.set_cipher_list(TLS12_CIPHERS)
     context.set_alpn_select_callback(_choose_alpn)
+    context.set_tlsext_servername_callback(_server_name_seen)
     context.set_session_id(b"hsm-proxy")
     pointer = int(_pyopenssl_ffi.cast("uintptr_t", context._context))
     install_certificate_and_key(pointer, chain.der(), key)
@@ -105,9 +114,13 @@ class TLSStream(trio.abc.Stream):
         transport: trio.abc.Stream,
         context: SSL.Context,
         sign_limiter: trio.CapacityLimiter,
+        on_server_name: Callable[[str], None] = lambda _name: None,
     ) -> None:
         self.transport = transport
+        # Called during the handshake (in its worker thread) with the client's SNI name.
+        self.on_server_name = on_server_name
         self._connection = SSL.Connection(context, None)
+        self._connection.set_app_data(self)
         self._connection.set_accept_state()
         self._sign_limiter = sign_limiter
         self._send_lock = trio.Lock()

@@ -1,0 +1,69 @@
+"""Shared test fixtures: real SoftHSM2 tokens, trustme CAs, loopback upstreams, proxy processes.
+
+Everything is real: the token is SoftHSM2 in a temporary directory (one per test session:
+SoftHSM2 reads SOFTHSM2_CONF once per process, and proxy subprocesses inherit it), keys are
+generated inside it and never leave it, certificates for them come from a trustme CA, the
+upstream is an HTTP server on loopback, and the proxy runs as `hsm-proxy run` in a
+subprocess that real clients (stdlib ssl, openssl s_client, curl, httpx) talk to.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.support import (
+    HSM,
+    ProxyFactory,
+    ProxyProcess,
+    RecordingUpstream,
+    make_hsm,
+    start_upstream,
+)
+
+# SoftHSM2 reads its config when the module is first initialised in a process; set it
+# before any test loads the module, for this process and every proxy it starts.
+_SOFTHSM_DIR = Path(tempfile.mkdtemp(prefix="hsm-proxy-tests-"))
+os.environ["SOFTHSM2_CONF"] = str(_SOFTHSM_DIR / "softhsm2.conf")
+
+
+@pytest.fixture(scope="session")
+def hsm() -> HSM:
+    """A SoftHSM2 token 'proxy' with EC P-256, EC P-384 and RSA-2048 keys, and a trap:
+    two keys that share the label 'twin'."""
+    return make_hsm(_SOFTHSM_DIR)
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def upstream() -> Iterator[RecordingUpstream]:
+    server = start_upstream()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def proxy_factory(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> Iterator[ProxyFactory]:
+    started: list[ProxyProcess] = []
+
+    def start(key: str = "ec256", **overrides: object) -> ProxyProcess:
+        process = ProxyProcess.start(tmp_path, hsm, ca, upstream.url, key, **overrides)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

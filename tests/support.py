@@ -1,0 +1,379 @@
+"""Test helpers: SoftHSM2 tokens, certificates from a trustme CA, a recording upstream,
+the proxy as a real subprocess, and plain TLS clients. No mocks anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from proxy.certificates import DevCA
+from proxy.devstate import find_softhsm_module, use_softhsm_config
+from proxy.pkcs11uri import KeyURI
+from proxy.token import Token, generate_key, initialize_token
+
+TOKEN_LABEL = "proxy"
+TOKEN_PIN = "test-pin-4821"
+SO_PIN = "test-so-pin-9907"
+REPO = Path(__file__).resolve().parent.parent
+
+# name -> (label, id, kind)
+KEYS = {
+    "ec256": ("web-ec256", b"\x01", "P-256"),
+    "ec384": ("web-ec384", b"\x02", "P-384"),
+    "rsa2048": ("web-rsa2048", b"\x03", "RSA-2048"),
+    "other": ("other-ec256", b"\x04", "P-256"),
+    "twin-a": ("twin", b"\x10", "P-256"),
+    "twin-b": ("twin", b"\x11", "P-256"),
+}
+
+
+@dataclass
+class HSM:
+    directory: Path
+    module: str
+    pin_file: Path
+    public_keys: dict[str, bytes] = field(default_factory=dict)
+
+    def uri(self, name: str) -> KeyURI:
+        label, key_id, _ = KEYS[name]
+        return KeyURI(token=TOKEN_LABEL, object=label, id=key_id)
+
+    def add_key(self, name: str, label: str, key_id: bytes, kind: str) -> None:
+        """Generate one more key (slow kinds such as RSA-4096 only when a test needs them)."""
+        if name in self.public_keys:
+            return
+        KEYS[name] = (label, key_id, kind)
+        generate_key(self.module, TOKEN_LABEL, TOKEN_PIN, label, key_id, kind)
+        with Token(self.module, self.uri(name), TOKEN_PIN, pool_size=1) as token:
+            public = token.find_private_key(self.uri(name)).info.public_key_der
+        assert public is not None
+        self.public_keys[name] = public
+
+
+def make_hsm(directory: Path) -> HSM:
+    use_softhsm_config(directory)
+    module = find_softhsm_module()
+    initialize_token(module, TOKEN_LABEL, SO_PIN, TOKEN_PIN)
+    pin_file = directory / "pin"
+    pin_file.write_text(TOKEN_PIN + "\n")
+    pin_file.chmod(0o600)
+    hsm = HSM(directory, module, pin_file)
+    for name, (label, key_id, kind) in list(KEYS.items()):
+        generate_key(module, TOKEN_LABEL, TOKEN_PIN, label, key_id, kind)
+        if not name.startswith("twin"):
+            with Token(module, hsm.uri(name), TOKEN_PIN, pool_size=1) as token:
+                public = token.find_private_key(hsm.uri(name)).info.public_key_der
+            assert public is not None
+            hsm.public_keys[name] = public
+    return hsm
+
+
+def dev_ca(ca: trustme.CA) -> DevCA:
+    """The trustme CA in the form the proxy's certificate helpers take."""
+    certificate = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    return DevCA(certificate, key)  # type: ignore[arg-type]
+
+
+def issue_chain(
+    ca: trustme.CA, public_key_der: bytes, names: tuple[str, ...] = ("localhost", "127.0.0.1")
+) -> bytes:
+    return dev_ca(ca).issue(public_key_der, names)
+
+
+# --- a recording upstream ----------------------------------------------------------------
+
+
+@dataclass
+class SeenRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class RecordingUpstream:
+    """An HTTP/1.1 server on loopback that records what reaches it and answers in JSON."""
+
+    def __init__(self) -> None:
+        self.requests: list[SeenRequest] = []
+        self.connections = 0
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                upstream.connections += 1
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    body = self._read_chunked()
+                else:
+                    body = self.rfile.read(length) if length else b""
+                seen = SeenRequest(self.command, self.path, dict(self.headers.items()), body)
+                upstream.requests.append(seen)
+                status = 200
+                if self.path.startswith("/status/"):
+                    status = int(self.path.split("/")[2])
+                payload = json.dumps(
+                    {
+                        "method": seen.method,
+                        "path": seen.path,
+                        "headers": seen.headers,
+                        "body_length": len(body),
+                    }
+                ).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("Connection", "keep-alive")
+                self.send_header("Keep-Alive", "timeout=5")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            def _read_chunked(self) -> bytes:
+                body = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return body
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+
+            do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _answer
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def start_upstream() -> RecordingUpstream:
+    return RecordingUpstream()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# --- the proxy as a subprocess -----------------------------------------------------------
+
+
+def proxy_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "proxy", "--log-format", "json", *args]
+
+
+def run_cli(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        proxy_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        check=False,
+    )
+
+
+def write_config(
+    directory: Path,
+    hsm: HSM,
+    ca: trustme.CA,
+    upstream_url: str,
+    key: str,
+    *,
+    certificate_for: str | None = None,
+    key_uri: str | None = None,
+    pin_file: Path | None = None,
+    extra_tls: str = "",
+) -> Path:
+    chain = directory / f"chain-{key}.pem"
+    chain.write_bytes(issue_chain(ca, hsm.public_keys[certificate_for or key]))
+    config = directory / "proxy.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:0"\n'
+        f'upstream = "{upstream_url}"\n\n'
+        f"[token]\n"
+        f'module = "{hsm.module}"\n'
+        f'pin_file = "{pin_file or hsm.pin_file}"\n'
+        f"sessions = 2\n\n"
+        f"[tls]\n"
+        f'certificate = "{chain}"\n'
+        f'key = "{key_uri or hsm.uri(key)}"\n'
+        f"{extra_tls}"
+    )
+    return config
+
+
+class ProxyProcess:
+    """`hsm-proxy run` in a subprocess, its JSON log lines, and where it listens."""
+
+    def __init__(self, process: subprocess.Popen[str], log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+        self.port = 0
+
+    @classmethod
+    def start(
+        cls, directory: Path, hsm: HSM, ca: trustme.CA, upstream_url: str, key: str, **options: Any
+    ) -> ProxyProcess:
+        config = write_config(directory, hsm, ca, upstream_url, key, **options)
+        log_path = directory / f"proxy-{time.monotonic_ns()}.log"
+        log_file = log_path.open("w")
+        process = subprocess.Popen(
+            proxy_command("run", "--config", str(config)),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+        )
+        log_file.close()
+        proxy = cls(process, log_path)
+        proxy.wait_until_serving()
+        return proxy
+
+    def lines(self) -> list[dict[str, Any]]:
+        parsed = []
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("{"):
+                parsed.append(json.loads(line))
+        return parsed
+
+    def wait_until_serving(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.lines():
+                message = entry.get("message", "")
+                if message.startswith("serving https://"):
+                    self.port = int(message.split()[1].rsplit(":", 1)[1])
+                    return
+            if self.process.poll() is not None:
+                raise AssertionError(f"proxy exited early:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"proxy did not start:\n{self.log_path.read_text()}")
+
+    def signatures(self) -> int:
+        """Token signatures made for client connections (not the start-up test signature)."""
+        return sum(
+            1
+            for entry in self.lines()
+            if entry.get("event") == "token_signature" and "connection_id" in entry
+        )
+
+    def wait_for_log(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.lines():
+                if predicate(entry):
+                    return entry
+            time.sleep(0.02)
+        raise AssertionError(f"no matching log line in:\n{self.log_path.read_text()}")
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+ProxyFactory = Callable[..., ProxyProcess]
+
+
+# --- clients -----------------------------------------------------------------------------
+
+
+def client_context(
+    ca: trustme.CA, version: ssl.TLSVersion | None = None, alpn: list[str] | None = None
+) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    if version is not None:
+        context.minimum_version = context.maximum_version = version
+    context.set_alpn_protocols(alpn if alpn is not None else ["http/1.1"])
+    return context
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    tls_version: str | None
+    alpn: str | None
+
+
+def https_request(
+    port: int,
+    context: ssl.SSLContext,
+    method: str = "GET",
+    path: str = "/",
+    body: bytes = b"",
+    server_name: str = "localhost",
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """One request on a fresh TLS connection (a fresh context never resumes a session)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
+            lines = [
+                f"{method} {path} HTTP/1.1",
+                f"Host: {server_name}:{port}",
+                "Connection: close",
+            ]
+            lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+            if body:
+                lines.append(f"Content-Length: {len(body)}")
+            tls.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            version, alpn = tls.version(), tls.selected_alpn_protocol()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    return Reply(int(status_line.split()[1]), parsed, payload, version, alpn)
