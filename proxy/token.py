@@ -482,7 +482,8 @@ def generate_key(
 ) -> None:
     """Generate a key pair in the token: ``kind`` is ``P-256``, ``P-384`` or ``RSA-<bits>``.
 
-    The private key is sensitive and, unless asked otherwise, never extractable.
+    The private key is sensitive, can only sign, and, unless asked otherwise, is never
+    extractable.
     """
     token = load_module(module_path).get_token(token_label=token_label)
     private_template = {
@@ -495,6 +496,7 @@ def generate_key(
     try:
         with token.open(rw=True, user_pin=pin) as session:
             if kind in curves:
+                private_template[Attribute.DERIVE] = False  # a TLS key only ever signs
                 params = session.create_domain_parameters(
                     KeyType.EC,
                     {Attribute.EC_PARAMS: encode_named_curve_parameters(curves[kind])},
@@ -504,6 +506,8 @@ def generate_key(
                     store=True, label=label, id=key_id, private_template=private_template
                 )
             elif kind.startswith("RSA-") and kind[4:].isdigit() and int(kind[4:]) in RSA_BITS:
+                private_template[Attribute.DECRYPT] = False
+                private_template[Attribute.UNWRAP] = False
                 session.generate_keypair(
                     KeyType.RSA,
                     int(kind[4:]),
