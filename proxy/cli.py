@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(config: ProxyConfig, banner: list[str]) -> int:
+def _serve(config: ProxyConfig, banner: Callable[[list[str]], list[str]] | None = None) -> int:
     from proxy.reload import GenerationHolder, build_generation
     from proxy.server import serve
 
@@ -92,7 +92,7 @@ def _serve(config: ProxyConfig, banner: list[str]) -> int:
     def ready(addresses: list[str]) -> None:
         for address in addresses:
             log.info(f"serving https://{address} -> {config.upstream}")
-        for line in banner:
+        for line in banner(addresses) if banner else []:
             print(line, file=sys.stderr, flush=True)
 
     try:
@@ -100,6 +100,10 @@ def _serve(config: ProxyConfig, banner: list[str]) -> int:
     finally:
         holder.close()
     return 0
+
+
+# Listen addresses a browser or curl on this machine reaches as "localhost".
+_LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "0.0.0.0", "::")  # noqa: S104 - names, not a bind
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -118,16 +122,19 @@ def _dev(args: argparse.Namespace) -> int:
         tls=TLSConfig(certificate=state.certificate, key=state.key_uri),
         source="hsm-proxy dev",
     )
-    local = ("localhost", "127.0.0.1", "::1", "0.0.0.0", "::")  # noqa: S104 - names, not a bind
-    host = "localhost" if listen.host in local else listen.host
-    banner = [
-        f"hsm-proxy dev: state directory {state.directory}",
-        f"  token:    {state.key_uri}",
-        f"  SoftHSM2: SOFTHSM2_CONF={state.directory / 'softhsm2.conf'}",
-        f"  CA:       {state.ca}",
-        f"  upstream: {upstream}{'' if args.upstream else ' (built-in demo)'}",
-        f"  try:      curl --cacert {state.ca} https://{host}:{listen.port}/",
-    ]
+
+    def banner(addresses: list[str]) -> list[str]:
+        port = addresses[0].rsplit(":", 1)[1] if addresses else listen.port
+        host = "localhost" if listen.host in _LOCAL_NAMES else listen.host
+        return [
+            f"hsm-proxy dev: state directory {state.directory}",
+            f"  token:    {state.key_uri}",
+            f"  SoftHSM2: SOFTHSM2_CONF={state.directory / 'softhsm2.conf'}",
+            f"  CA:       {state.ca}",
+            f"  upstream: {upstream}{'' if args.upstream else ' (built-in demo)'}",
+            f"  try:      curl --cacert {state.ca} https://{host}:{port}/",
+        ]
+
     return _serve(config, banner)
 
 
@@ -183,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level, json_lines)
     handlers = {
         "dev": _dev,
-        "run": lambda a: _serve(load_config(a.config), []),
+        "run": lambda a: _serve(load_config(a.config)),
         "check": _check,
         "doctor": _doctor,
     }

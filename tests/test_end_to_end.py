@@ -243,3 +243,28 @@ def test_malformed_request_gets_400_and_is_not_forwarded(
                 data += chunk
     assert data.startswith(b"HTTP/1.1 400 ")
     assert upstream.requests == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [3072, 4096])
+def test_large_rsa_keys_serve_tls12_and_tls13(
+    bits: int, proxy_factory: ProxyFactory, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    name = f"rsa{bits}"
+    hsm.add_key(name, f"web-rsa{bits}", bytes([0x20 + bits // 1024]), f"RSA-{bits}")
+    proxy = proxy_factory(name)
+    for version in VERSIONS.values():
+        reply = https_request(proxy.port, client_context(ca, version), path=f"/{name}")
+        assert reply.status == 200
+    assert proxy.signatures() == 2
+
+
+def test_a_silent_client_is_dropped_after_the_handshake_timeout(
+    proxy_factory: ProxyFactory, upstream: RecordingUpstream
+) -> None:
+    import socket
+
+    proxy = proxy_factory("ec256", extra_tls="handshake_timeout = 0.5\n")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as silent:
+        assert silent.recv(1) == b""  # the proxy closed it; no bytes were ever sent
+    proxy.wait_for_log(lambda entry: entry.get("message") == "TLS handshake timed out")

@@ -1,0 +1,114 @@
+"""`hsm-proxy dev`: one command from nothing to HTTPS through a key inside a SoftHSM2 token."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO, https_request, proxy_command
+
+
+def _start_dev(state: Path, log: Path) -> tuple[subprocess.Popen[str], int]:
+    env = {key: value for key, value in os.environ.items() if key != "SOFTHSM2_CONF"}
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            proxy_command("dev", "--state-dir", str(state), "--listen", "127.0.0.1:0"),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env=env,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        match = re.search(r"curl --cacert \S+ https://localhost:(\d+)/", log.read_text())
+        if match:
+            return process, int(match.group(1))
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"dev did not start:\n{log.read_text()}")
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+
+
+def test_dev_serves_the_demo_upstream_end_to_end(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    process, port = _start_dev(state, tmp_path / "dev.log")
+    try:
+        context = ssl.create_default_context(cafile=str(state / "ca.pem"))
+        reply = https_request(port, context, path="/from-dev")
+        assert reply.status == 200
+        assert b"Hello from the hsm-proxy demo upstream." in reply.body
+        assert b"GET /from-dev" in reply.body
+        assert b"X-Forwarded-Proto: https" in reply.body
+    finally:
+        _stop(process)
+    assert process.returncode == 0
+    for name in ("softhsm2.conf", "ca.pem", "cert.pem", "pin"):
+        assert (state / name).is_file(), name
+    assert (state / "pin").stat().st_mode & 0o777 == 0o600
+    pin = (state / "pin").read_text().strip()
+    everything = b"".join(path.read_bytes() for path in state.glob("*.pem"))
+    assert b"PRIVATE KEY" not in everything
+    assert pin not in (tmp_path / "dev.log").read_text()
+
+
+def test_dev_reuses_its_state_directory(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    process, _ = _start_dev(state, tmp_path / "first.log")
+    _stop(process)
+    first = {name: (state / name).read_bytes() for name in ("ca.pem", "cert.pem", "pin")}
+    process, port = _start_dev(state, tmp_path / "second.log")
+    try:
+        context = ssl.create_default_context(cafile=str(state / "ca.pem"))
+        assert https_request(port, context).status == 200
+    finally:
+        _stop(process)
+    assert {name: (state / name).read_bytes() for name in first} == first
+
+
+@pytest.mark.skipif(shutil.which("pkcs11-tool") is None, reason="OpenSC is installed by setup.sh")
+def test_dev_key_is_sensitive_and_never_extractable(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    process, _ = _start_dev(state, tmp_path / "dev.log")
+    _stop(process)
+    from proxy.devstate import find_softhsm_module
+
+    listing = subprocess.run(
+        [
+            "pkcs11-tool",
+            "--module",
+            find_softhsm_module(),
+            "--token-label",
+            "hsm-proxy-dev",
+            "--login",
+            "--pin",
+            (state / "pin").read_text().strip(),
+            "-O",
+        ],
+        env={**os.environ, "SOFTHSM2_CONF": str(state / "softhsm2.conf")},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    private = listing[listing.index("Private Key Object; EC") :]
+    assert "Usage:      sign\n" in private
+    assert "Access:     sensitive, always sensitive, never extractable, local" in private
