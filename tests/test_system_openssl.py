@@ -12,7 +12,7 @@ import pytest
 import trustme
 
 from proxy.keybridge import verify_shared_libcrypto
-from tests.support import HSM, REPO, write_config
+from tests.support import HSM, REPO, RecordingUpstream, write_config
 
 DEBIAN_SITE = "/usr/lib/python3/dist-packages/"
 
@@ -30,8 +30,8 @@ def test_pyopenssl_shares_the_bridge_libcrypto() -> None:
 def test_a_pypi_wheel_shadowing_pyopenssl_is_refused_with_the_fix(
     tmp_path: Path,
     hsm: HSM,
-    ca,
-    upstream,  # type: ignore[no-untyped-def]
+    ca: trustme.CA,
+    upstream: RecordingUpstream,
 ) -> None:
     venv = tmp_path / "wheel-venv"
     subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)

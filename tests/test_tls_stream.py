@@ -95,7 +95,7 @@ def test_a_client_that_is_not_tls_fails_the_handshake_clearly(server_context) ->
         server = TLSStream(server_transport, context, trio.CapacityLimiter(1))
         await client_transport.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         with pytest.raises(
-            TLSError, match="TLS handshake failed: (http request|wrong version number)"
+            TLSError, match=r"TLS handshake failed: (http request|wrong version number)"
         ):
             await server.do_handshake()
 
