@@ -268,3 +268,36 @@ def test_a_silent_client_is_dropped_after_the_handshake_timeout(
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as silent:
         assert silent.recv(1) == b""  # the proxy closed it; no bytes were ever sent
     proxy.wait_for_log(lambda entry: entry.get("message") == "TLS handshake timed out")
+
+
+@pytest.mark.parametrize(
+    "cipher",
+    [
+        "AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES128-SHA256",
+        "ECDHE-ECDSA-AES256-SHA",
+        "DHE-RSA-AES128-GCM-SHA256",
+    ],
+)
+def test_tls12_refuses_suites_without_ecdhe_or_aead(
+    cipher: str, proxy_factory: ProxyFactory, upstream: RecordingUpstream
+) -> None:
+    proxy = proxy_factory("ec256")
+    result = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{proxy.port}",
+            "-tls1_2",
+            "-cipher",
+            cipher,
+        ],
+        input=b"",
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert b"handshake failure" in result.stderr + result.stdout
+    assert proxy.signatures() == 0
