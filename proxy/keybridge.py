@@ -347,7 +347,9 @@ def verify_shared_libcrypto() -> str:
     import cryptography
     import OpenSSL
     from OpenSSL._util import ffi as pyopenssl_ffi
-    from OpenSSL._util import lib as pyopenssl_lib
+    from OpenSSL._util import lib as _typed_lib
+
+    pyopenssl_lib: Any = _typed_lib  # typed Optional in pyOpenSSL 25; always loaded here
 
     def address(ffi: Any, pointer: Any) -> int:
         return int(ffi.cast("uintptr_t", pointer))

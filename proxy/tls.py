@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from OpenSSL import SSL
@@ -58,7 +59,7 @@ _RECEIVE_SIZE = 65536
 _SEND_CHUNK = 16384 * 4
 
 
-def _choose_alpn(_connection: SSL.Connection, offered: list[bytes]) -> bytes | object:
+def _choose_alpn(_connection: SSL.Connection, offered: list[bytes]) -> Any:
     return ALPN_HTTP11 if ALPN_HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
@@ -158,7 +159,7 @@ class TLSStream(trio.abc.Stream):
             if not data:
                 self._connection.bio_shutdown()
                 return False
-            self._connection.bio_write(data)
+            self._connection.bio_write(data)  # type: ignore[arg-type] # any buffer works
             return True
 
     # -- handshake -----------------------------------------------------------------------
@@ -241,7 +242,7 @@ class TLSStream(trio.abc.Stream):
         view = memoryview(data)
         for start in range(0, len(view), _SEND_CHUNK):
             try:
-                self._connection.sendall(view[start : start + _SEND_CHUNK])
+                self._connection.sendall(view[start : start + _SEND_CHUNK])  # type: ignore[arg-type]
             except SSL.Error as error:
                 raise trio.BrokenResourceError(f"TLS error: {_describe_ssl_error(error)}") from None
             await self._flush()

@@ -490,6 +490,7 @@ def generate_key(
         Attribute.SENSITIVE: True,
         Attribute.EXTRACTABLE: extractable,
         Attribute.SIGN: True,
+        Attribute.SIGN_RECOVER: False,
         Attribute.PRIVATE: True,
     }
     curves = {name: oid for oid, name in EC_CURVES.items()}
