@@ -17,6 +17,7 @@ from proxy.pkcs11uri import parse_key_uri
 from proxy.token import Token, change_pin, generate_key, initialize_token
 from tests.support import (
     HSM,
+    TOKEN_PIN,
     RecordingUpstream,
     client_context,
     https_request,
@@ -326,3 +327,24 @@ def test_unknown_reload_target_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli("reload", "--pid-file", str(missing))
     assert result.returncode == 1
     assert f"cannot read pid file {missing}" in result.stderr
+
+
+def test_pin_from_the_environment_is_read_again_on_sighup(
+    tmp_path: Path,
+    hsm: HSM,
+    ca: trustme.CA,
+    upstream: RecordingUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HSM_PROXY_TEST_PIN", TOKEN_PIN)
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(issue_chain(ca, hsm.public_keys["ec256"]))
+    config = _config(tmp_path, hsm, upstream, chain, module_pin='pin_env = "HSM_PROXY_TEST_PIN"')
+    pid_file = tmp_path / "proxy.pid"
+    proxy = launch(tmp_path, config, "--pid-file", str(pid_file))
+    result = run_cli("reload", "--pid-file", str(pid_file))
+    assert result.returncode == 0, result.stderr
+    line = proxy.wait_for_log(lambda entry: entry.get("event") == "reloaded")
+    assert line["reason"] == "SIGHUP"
+    assert https_request(proxy.port, client_context(ca)).status == 200
+    assert TOKEN_PIN not in proxy.log_path.read_text()
