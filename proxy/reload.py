@@ -230,6 +230,8 @@ class GenerationHolder:
 
     def __init__(self, generation: Generation) -> None:
         self.current = generation
+        # The reloader serving this holder, if any: what an admin endpoint calls.
+        self.reloader: Reloader | None = None
         self._users: dict[int, int] = {}
         self._retiring: dict[int, Generation] = {}
 
@@ -284,6 +286,7 @@ class Reloader:
         on_result: Callable[[Reloader, ReloadResult], None] | None = None,
     ) -> None:
         self.holder = holder
+        holder.reloader = self
         self._on_result = on_result
         self._load_config = load_config
         self._observer = observer
