@@ -313,6 +313,9 @@ class Reloader:
         async with self._lock:
             self.attempts += 1
             current = self.holder.current
+            # What is seen now counts as seen, even if this attempt fails: a bad secret or
+            # config is reported once, not at every poll until someone fixes it.
+            await trio.to_thread.run_sync(self._remember_versions, current.config)
             try:
                 config = self._load_config()
                 if config.listen != current.config.listen:

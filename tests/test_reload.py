@@ -262,6 +262,7 @@ def test_a_bad_secret_is_refused_and_the_old_state_keeps_serving(
     assert https_request(proxy.port, context).status == 200
     assert "not-the-pin" not in proxy.log_path.read_text()
     assert _reload_lines(proxy.lines(), "reloaded") == []
+    assert len(_reload_lines(proxy.lines(), "reload_failed")) == 1  # said once, not per poll
 
 
 def test_reload_command_rereads_the_config_and_switches_key(
