@@ -89,6 +89,17 @@ extras=""
 say "installing hsm-proxy${extras} into $venv"
 "$venv/bin/python" -m pip install -q -e "$here$extras"
 
+if [ "$with_tests" = 1 ]; then
+  # moto (the AWS Secrets Manager stand-in the tests start on loopback) wants a newer
+  # cryptography than Debian's; it gets a virtualenv of its own, never .venv.
+  moto_venv="$here/.venv-moto"
+  if [ ! -x "$moto_venv/bin/moto_server" ]; then
+    say "installing moto[server] into $moto_venv (test tool, kept apart from .venv)"
+    "$system_python" -m venv "$moto_venv"
+    env -u PIP_CONSTRAINT "$moto_venv/bin/python" -m pip install -q "moto[server]>=5"
+  fi
+fi
+
 # The proxy checks this at start-up too; failing here names the cause at install time.
 "$venv/bin/python" -m proxy.keybridge --verify >/dev/null || die "pyOpenSSL in $venv does not use the system OpenSSL (see the message above)"
 say "ready: $venv/bin/hsm-proxy"

@@ -5,6 +5,7 @@ Commands:
   run     serve from a TOML config file (production)
   check   build and validate everything a config names, print a table, serve nothing
   doctor  list the tokens and keys a PKCS#11 module shows
+  reload  ask a running proxy to rebuild from its secrets (SIGHUP to its pid)
 
 Every :class:`ProxyError` becomes one line on stderr and exit status 1; usage errors exit 2.
 PINs are never accepted on the command line: they come from a file or a variable.
@@ -13,9 +14,16 @@ PINs are never accepted on the command line: they come from a file or a variable
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -30,6 +38,9 @@ from proxy.config import (
 )
 from proxy.errors import ProxyError
 from proxy.logs import audit_signature, log, setup_logging
+
+if TYPE_CHECKING:
+    from proxy.reload import Reloader, ReloadResult
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +79,23 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="serve as a TOML config file says")
     run.add_argument("--config", type=Path, required=True)
+    run.add_argument(
+        "--pid-file", type=Path, default=None, help="write the process id here (for reload)"
+    )
+
+    reload = commands.add_parser(
+        "reload", help="make a running proxy reload its config and secrets (sends SIGHUP)"
+    )
+    target = reload.add_mutually_exclusive_group(required=True)
+    target.add_argument("--pid-file", type=Path, help="the file given to run --pid-file")
+    target.add_argument("--pid", type=int, help="the proxy's process id (does not wait)")
+    reload.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="with --pid-file: seconds to wait for the outcome (default 60); exit status 1 "
+        "if the reload failed",
+    )
 
     check = commands.add_parser("check", help="validate a config, its token, key and certificate")
     check.add_argument("--config", type=Path, required=True)
@@ -77,8 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(config: ProxyConfig, banner: Callable[[list[str]], list[str]] | None = None) -> int:
-    from proxy.reload import GenerationHolder, build_generation
+def _serve(
+    config: ProxyConfig,
+    banner: Callable[[list[str]], list[str]] | None = None,
+    reread: Callable[[], ProxyConfig] | None = None,
+    pid_file: Path | None = None,
+) -> int:
+    from proxy.reload import GenerationHolder, Reloader, ReloadResult, build_generation
     from proxy.server import serve
 
     generation = build_generation(config, audit_signature)
@@ -88,22 +121,108 @@ def _serve(config: ProxyConfig, banner: Callable[[list[str]], list[str]] | None 
         f"{generation.token.pool_size} sessions"
     )
     holder = GenerationHolder(generation)
+    status_file = _status_file(pid_file) if pid_file is not None else None
+
+    def report(reloader: Reloader, result: ReloadResult) -> None:
+        if status_file is not None:
+            _write_status(status_file, reloader, result)
+
+    reloader = Reloader(holder, reread or (lambda: config), audit_signature, on_result=report)
 
     def ready(addresses: list[str]) -> None:
+        if pid_file is not None and status_file is not None:
+            _write_status(status_file, reloader, ReloadResult(True, generation.number, "started"))
+            pid_file.write_text(f"{os.getpid()}\n")
         for address in addresses:
             log.info(f"serving https://{address} -> {config.upstream}")
         for line in banner(addresses) if banner else []:
             print(line, file=sys.stderr, flush=True)
 
     try:
-        trio.run(serve, holder, config.listen, ready)
+        trio.run(partial(serve, holder, config.listen, ready, tasks=[reloader.run]))
     finally:
         holder.close()
+        for path in (pid_file, status_file):
+            if path is not None:
+                with suppress(OSError):
+                    path.unlink()
     return 0
 
 
 # Listen addresses a browser or curl on this machine reaches as "localhost".
 _LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "0.0.0.0", "::")  # noqa: S104 - names, not a bind
+
+
+def _status_file(pid_file: Path) -> Path:
+    return pid_file.with_name(pid_file.name + ".reload")
+
+
+def _write_status(path: Path, reloader: Reloader, result: ReloadResult) -> None:
+    """What `hsm-proxy reload` waits for: the outcome of the latest reload (no secrets)."""
+    status = {
+        "attempts": reloader.attempts,
+        "ok": result.ok,
+        "generation": result.generation,
+        "message": result.message,
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(status) + "\n")
+    os.replace(temporary, path)
+
+
+def _run(args: argparse.Namespace) -> int:
+    path: Path = args.config
+    return _serve(load_config(path), None, lambda: load_config(path), args.pid_file)
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from proxy.errors import ConfigError
+
+    pid = args.pid
+    if args.pid_file is not None:
+        try:
+            text = args.pid_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read pid file {args.pid_file}: {exc.strerror}") from None
+        if not text.isdigit():
+            raise ConfigError(f"pid file {args.pid_file} does not hold a process id")
+        pid = int(text)
+    status_file = _status_file(args.pid_file) if args.pid_file is not None else None
+    before = _read_status(status_file)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise ConfigError(f"no process {pid} (is the proxy running?)") from None
+    except PermissionError:
+        raise ConfigError(f"not allowed to signal process {pid}") from None
+    if status_file is None or before is None:
+        print(f"sent SIGHUP to {pid}; the proxy logs 'reloaded' or 'reload failed'")
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        status = _read_status(status_file)
+        if status is not None and status.get("attempts", 0) > before.get("attempts", 0):
+            if status.get("ok"):
+                print(f"reloaded: {status.get('message')}")
+                return 0
+            print(f"hsm-proxy: reload failed: {status.get('message')}", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print(
+        f"hsm-proxy: sent SIGHUP to {pid}, but it reported no reload within {args.timeout:g}s",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _read_status(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -133,6 +252,8 @@ def _dev(args: argparse.Namespace) -> int:
             f"  CA:       {state.ca}",
             f"  upstream: {upstream}{'' if args.upstream else ' (built-in demo)'}",
             f"  try:      curl --cacert {state.ca} https://{host}:{port}/",
+            f"  rotate:   replace {state.certificate.name} or pin in the state directory: "
+            "both are watched and reloaded",
         ]
 
     return _serve(config, banner)
@@ -165,6 +286,16 @@ def _check(args: argparse.Namespace) -> int:
             ),
             ("match", "certificate key == token key, test signature verified"),
         ]
+        for site in generation.sites:
+            rows.append(
+                (
+                    "sni",
+                    f"{', '.join(site.names)} -> {site.key.uri} ({site.chain.source}, valid "
+                    f"until {site.chain.not_after():%Y-%m-%d}; key matches)",
+                )
+            )
+        if generation.ticket_keys:
+            rows.append(("tickets", f"{len(generation.ticket_keys)} session-ticket key(s)"))
         for name, value in rows:
             print(f"ok  {name:<12} {value}")
     finally:
@@ -190,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level, json_lines)
     handlers = {
         "dev": _dev,
-        "run": lambda a: _serve(load_config(a.config)),
+        "run": _run,
+        "reload": _reload,
         "check": _check,
         "doctor": _doctor,
     }

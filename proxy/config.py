@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from proxy.errors import ConfigError
 from proxy.pkcs11uri import KeyURI, parse_key_uri
-from proxy.secrets import PinSource
+from proxy.secrets import AWSSettings, PinSource, SecretRef
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,34 @@ class TokenConfig:
 
 
 @dataclass(frozen=True)
+class SiteConfig:
+    """One more certificate, chosen by SNI, with its own token key (``[[tls.sni]]``)."""
+
+    certificate: SecretRef
+    key: KeyURI
+    names: tuple[str, ...] = ()  # empty: the certificate's DNS names
+
+
+@dataclass(frozen=True)
 class TLSConfig:
-    certificate: Path
+    certificate: Path | None
     key: KeyURI
     handshake_timeout: float = 10.0
+    certificate_aws_secret: str | None = None
+    sni: tuple[SiteConfig, ...] = ()
+    session_ticket_keys: tuple[SecretRef, ...] = ()
+
+    def certificate_ref(self) -> SecretRef:
+        if self.certificate_aws_secret is not None:
+            return SecretRef(aws=self.certificate_aws_secret, what="certificate chain")
+        return SecretRef(file=self.certificate, what="certificate chain")
+
+
+@dataclass(frozen=True)
+class ReloadConfig:
+    watch_interval: float = 2.0  # seconds between looks at file secrets
+    aws_poll_interval: float = 60.0  # seconds between DescribeSecret calls per secret
+    expiry_warning_days: int = 30
 
 
 @dataclass(frozen=True)
@@ -82,6 +106,15 @@ class ProxyConfig:
     token: TokenConfig
     tls: TLSConfig
     source: str = field(default="<flags>", compare=False)
+    reload: ReloadConfig = field(default_factory=ReloadConfig)
+    aws: AWSSettings = field(default_factory=AWSSettings)
+
+    def secrets(self) -> list[SecretRef]:
+        """Every secret this configuration refers to (what the reloader watches)."""
+        refs = [self.token.pin, self.tls.certificate_ref()]
+        refs += [site.certificate for site in self.tls.sni]
+        refs += list(self.tls.session_ticket_keys)
+        return refs
 
 
 def parse_address(text: str, where: str) -> Address:
@@ -171,6 +204,7 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
         float: "a number",
         dict: "a table",
         bool: "true/false",
+        list: "a list",
     }
     return " or ".join(names.get(kind, kind.__name__) for kind in kinds)
 
@@ -212,32 +246,123 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
     module = token_table.take("module", str)
     pin_file = token_table.take("pin_file", str, None)
     pin_env = token_table.take("pin_env", str, None)
-    if (pin_file is None) == (pin_env is None):
+    pin_aws = token_table.take("pin_aws_secret", str, None)
+    if [pin_file, pin_env, pin_aws].count(None) != 2:
         raise ConfigError(
-            "token: set exactly one of pin_file (a file holding the PIN) or pin_env (the name "
-            "of an environment variable holding it); a PIN value never goes in the config"
+            "token: set exactly one of pin_file (a file holding the PIN), pin_env (the name "
+            "of an environment variable holding it) or pin_aws_secret (an AWS Secrets "
+            "Manager secret id); a PIN value never goes in the config"
         )
     sessions = token_table.take("sessions", int, 4)
     if not 1 <= sessions <= 256:
         raise ConfigError(f"token.sessions: must be from 1 to 256, got {sessions}")
     token_table.finish()
-    pin = PinSource(file=_path(pin_file, base)) if pin_file else PinSource(env=pin_env)
+    if pin_file:
+        pin = PinSource(file=_path(pin_file, base))
+    elif pin_env:
+        pin = PinSource(env=pin_env)
+    else:
+        pin = PinSource(aws=pin_aws)
 
     tls_table = root.table("tls")
-    certificate = _path(tls_table.take("certificate", str), base)
-    try:
-        key = parse_key_uri(tls_table.take("key", str))
-    except ConfigError as exc:
-        raise ConfigError(f"tls.key: {exc}") from None
+    certificate_text, certificate_aws = _certificate_keys(tls_table, "tls")
+    key = _key_uri(tls_table, "tls")
     timeout = _positive(
         tls_table.take("handshake_timeout", (int, float), 10.0), "tls.handshake_timeout"
     )
+    sni = tuple(
+        _site(_Table(item, f"tls.sni[{number}]."), base, f"tls.sni[{number}]")
+        for number, item in enumerate(_list_of(tls_table, "sni", dict, "tables"), start=1)
+    )
+    tickets = [
+        SecretRef(file=_path(item, base), what="session-ticket key")
+        for item in _list_of(tls_table, "session_ticket_keys", str, "paths")
+    ]
+    tickets += [
+        SecretRef(aws=item, what="session-ticket key")
+        for item in _list_of(tls_table, "session_ticket_keys_aws_secrets", str, "secret ids")
+    ]
     tls_table.finish()
+
+    reload = ReloadConfig()
+    if "reload" in data:
+        reload_table = root.table("reload")
+        reload = ReloadConfig(
+            watch_interval=_positive(
+                reload_table.take("watch_interval", (int, float), 2.0), "reload.watch_interval"
+            ),
+            aws_poll_interval=_positive(
+                reload_table.take("aws_poll_interval", (int, float), 60.0),
+                "reload.aws_poll_interval",
+            ),
+            expiry_warning_days=reload_table.take("expiry_warning_days", int, 30),
+        )
+        if reload.expiry_warning_days < 0:
+            raise ConfigError("reload.expiry_warning_days: must be 0 or more")
+        reload_table.finish()
+    aws = AWSSettings()
+    if "aws" in data:
+        aws_table = root.table("aws")
+        aws = AWSSettings(
+            region=aws_table.take("region", str, None),
+            endpoint_url=aws_table.take("endpoint_url", str, None),
+        )
+        aws_table.finish()
     root.finish()
     return ProxyConfig(
         listen=listen,
         upstream=upstream,
         token=TokenConfig(module=str(_path(module, base)), pin=pin, sessions=sessions),
-        tls=TLSConfig(certificate=certificate, key=key, handshake_timeout=timeout),
+        tls=TLSConfig(
+            certificate=_path(certificate_text, base) if certificate_text else None,
+            key=key,
+            handshake_timeout=timeout,
+            certificate_aws_secret=certificate_aws,
+            sni=sni,
+            session_ticket_keys=tuple(tickets),
+        ),
         source=source,
+        reload=reload,
+        aws=aws,
     )
+
+
+def _certificate_keys(table: _Table, where: str) -> tuple[str | None, str | None]:
+    certificate = table.take("certificate", str, None)
+    certificate_aws = table.take("certificate_aws_secret", str, None)
+    if (certificate is None) == (certificate_aws is None):
+        raise ConfigError(
+            f"{where}: set exactly one of certificate (a PEM file: the leaf, then its "
+            "intermediates) or certificate_aws_secret (an AWS Secrets Manager secret id)"
+        )
+    return certificate, certificate_aws
+
+
+def _key_uri(table: _Table, where: str) -> KeyURI:
+    try:
+        return parse_key_uri(table.take("key", str))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.key: {exc}") from None
+
+
+def _list_of(table: _Table, key: str, kind: type, what: str) -> list[Any]:
+    items = table.take(key, list, [])
+    for position, item in enumerate(items, start=1):
+        if not isinstance(item, kind):
+            raise ConfigError(
+                f"{table._name(key)}: expected a list of {what}, item {position} is "
+                f"{type(item).__name__}"
+            )
+    return list(items)
+
+
+def _site(table: _Table, base: Path, where: str) -> SiteConfig:
+    certificate, certificate_aws = _certificate_keys(table, where)
+    key = _key_uri(table, where)
+    names = tuple(_list_of(table, "names", str, "server names"))
+    table.finish()
+    if certificate is not None:
+        ref = SecretRef(file=_path(certificate, base), what="certificate chain")
+    else:
+        ref = SecretRef(aws=certificate_aws, what="certificate chain")
+    return SiteConfig(certificate=ref, key=key, names=names)

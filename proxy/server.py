@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -242,7 +242,7 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
         peer = stream.socket.getpeername()[0]
     except OSError:
         peer = "unknown"
-    generation = state.holder.current
+    generation = state.holder.acquire()  # held for the handshake, the only part that signs
     # One mutable dict per connection: worker threads see the same object, so the SNI
     # name recorded during the handshake reaches the audit line of its signature.
     context: dict[str, object] = {"connection_id": connection_id, "client": peer}
@@ -263,6 +263,8 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
         except TLSError as exc:
             log.info(str(exc), extra={"fields": context})
             return
+        finally:
+            state.holder.release(generation)
         exchange = _Exchange(tls, ClientInfo(peer, info.server_name), info)
         await _serve_http(exchange, generation)
     except _ClientGone:
@@ -281,8 +283,9 @@ async def serve(
     listen: Address,
     on_ready: Callable[[list[str]], None],
     handle_signals: bool = True,
+    tasks: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> None:
-    """Serve until SIGINT/SIGTERM (or cancellation)."""
+    """Serve until SIGINT/SIGTERM (or cancellation); ``tasks`` run beside (the reloader)."""
     state = ServerState(holder, trio.CapacityLimiter(holder.current.token.pool_size))
     try:
         listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
@@ -296,6 +299,8 @@ async def serve(
         nursery.start_soon(
             partial(trio.serve_listeners, partial(handle_connection, state), listeners)
         )
+        for task in tasks:
+            nursery.start_soon(task)
         on_ready(bound)
         if handle_signals:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -22,6 +22,20 @@ Handshake steps run in a worker thread (``trio.to_thread.run_sync``) bounded by 
 ``CapacityLimiter`` sized to the token's session pool: a step may call back into the token
 to sign (DESIGN.md, decision 3), and a slow token must not freeze the event loop.
 
+Several certificates (SNI): each served chain has its own context with its own token key.
+:func:`attach_sni_routes` hangs a :class:`SNIRouter` on the default context (its app data);
+the server-name callback, which OpenSSL runs while it reads the ClientHello, moves the
+connection to the context whose names match (exact first, then a ``*.`` wildcard for one
+label) with ``set_context``; an unknown or missing name stays on the default.
+
+Session tickets: pyOpenSSL has no API for ticket keys, so :func:`install_ticket_keys`
+calls ``SSL_CTX_set_tlsext_ticket_key_evp_cb`` on the same libssl through cffi. The first
+key encrypts new tickets; every key decrypts, so a rotation keeps the previous key for
+tickets already issued, and proxies sharing the keys resume each other's sessions (a
+resumed handshake makes no token signature). A key is exactly 80 bytes, as ``openssl rand
+80`` makes it (and as nginx reads it): a 16-byte name, a 32-byte HMAC-SHA256 key, a
+32-byte AES-256-CBC key; any other size is an error, never padded or cut.
+
 Errors: a failed handshake raises :class:`TLSError` with OpenSSL's reason or the token's
 (from keybridge). After the handshake, a broken peer raises ``trio.BrokenResourceError``
 like any trio stream, and an end of stream, with or without close_notify, reads as ``b""``:
@@ -30,17 +44,20 @@ HTTP framing (h11) detects truncated messages on its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import weakref
+from collections.abc import Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import cffi
 import trio
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _pyopenssl_ffi
 
 from proxy.certificates import Chain
-from proxy.errors import TLSError
+from proxy.errors import SecretError, TLSError
 from proxy.keybridge import KeySigner, install_certificate_and_key, pop_signing_error
 
 # TLS 1.2 suites: ECDHE key exchange and AEAD encryption only (TLS 1.3 suites are all AEAD).
@@ -66,8 +83,47 @@ def _choose_alpn(_connection: SSL.Connection, offered: list[bytes]) -> Any:
 def _server_name_seen(connection: SSL.Connection) -> None:
     stream = connection.get_app_data()
     name = connection.get_servername()
-    if isinstance(stream, TLSStream) and name:
-        stream.on_server_name(name.decode("idna"))
+    if not name:
+        return
+    text = name.decode("idna")
+    router = connection.get_context().get_app_data()
+    if isinstance(router, SNIRouter):
+        chosen = router.pick(text)
+        if chosen is not None:
+            connection.set_context(chosen)
+    if isinstance(stream, TLSStream):
+        stream.on_server_name(text)
+
+
+@dataclass(frozen=True)
+class SNIRouter:
+    """Server names to contexts: exact names, then ``*.suffix`` wildcards (one label)."""
+
+    exact: dict[str, SSL.Context] = field(default_factory=dict)
+    wildcard: dict[str, SSL.Context] = field(default_factory=dict)
+
+    def pick(self, name: str) -> SSL.Context | None:
+        name = name.lower().rstrip(".")
+        if name in self.exact:
+            return self.exact[name]
+        _, dot, parent = name.partition(".")
+        return self.wildcard.get(parent) if dot else None
+
+
+def attach_sni_routes(
+    default: SSL.Context, routes: Sequence[tuple[Sequence[str], SSL.Context]]
+) -> SNIRouter:
+    """Route the names of each extra context to it; names the default serves stay there."""
+    router = SNIRouter()
+    for names, context in routes:
+        for name in names:
+            name = name.lower().rstrip(".")
+            if name.startswith("*."):
+                router.wildcard[name[2:]] = context
+            else:
+                router.exact[name] = context
+    default.set_app_data(router)
+    return router
 
 
 def build_server_context(chain: Chain, key: KeySigner) -> SSL.Context:
@@ -262,3 +318,153 @@ class TLSStream(trio.abc.Stream):
             pass
         finally:
             await self.transport.aclose()
+
+
+# --- session-ticket keys (cffi on the same libssl as pyOpenSSL) ---------------------------
+
+TICKET_KEY_SIZE = 80
+_NAME, _HMAC, _AES = 16, 32, 32
+
+_ticket_ffi = cffi.FFI()
+_ticket_ffi.cdef(
+    """
+typedef struct ssl_st SSL; typedef struct ssl_ctx_st SSL_CTX;
+typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX; typedef struct evp_mac_ctx_st EVP_MAC_CTX;
+typedef struct evp_cipher_st EVP_CIPHER;
+typedef struct {
+    const char *key; unsigned int data_type; void *data; size_t data_size; size_t return_size;
+} OSSL_PARAM;
+int SSL_CTX_set_tlsext_ticket_key_evp_cb(SSL_CTX *ctx, int (*cb)(SSL *, unsigned char *,
+    unsigned char *, EVP_CIPHER_CTX *, EVP_MAC_CTX *, int));
+SSL_CTX *SSL_get_SSL_CTX(const SSL *ssl);
+const EVP_CIPHER *EVP_aes_256_cbc(void);
+int EVP_EncryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *type, void *impl,
+                       const unsigned char *key, const unsigned char *iv);
+int EVP_DecryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *type, void *impl,
+                       const unsigned char *key, const unsigned char *iv);
+int EVP_MAC_CTX_set_params(EVP_MAC_CTX *ctx, const OSSL_PARAM params[]);
+int RAND_bytes(unsigned char *buf, int num);
+"""
+)
+_ticket_ssl: Any = _ticket_ffi.dlopen("libssl.so.3")
+_ticket_crypto: Any = _ticket_ffi.dlopen("libcrypto.so.3")
+_OSSL_PARAM_UTF8_STRING = 4
+_OSSL_PARAM_OCTET_STRING = 5
+_OSSL_PARAM_UNMODIFIED = 2**64 - 1 if _ticket_ffi.sizeof("size_t") == 8 else 2**32 - 1
+_IV_SIZE = 16
+_PARAM_DIGEST = _ticket_ffi.new("char[]", b"digest")
+_PARAM_KEY = _ticket_ffi.new("char[]", b"key")
+_SHA256 = _ticket_ffi.new("char[]", b"SHA256")
+
+
+@dataclass(frozen=True)
+class TicketKey:
+    """One session-ticket key: a public name and two secret halves. ``repr`` shows the name."""
+
+    name: bytes
+    hmac_key: bytes = field(repr=False)
+    aes_key: bytes = field(repr=False)
+
+
+def parse_ticket_key(raw: bytes, where: str) -> TicketKey:
+    """An 80-byte ticket key, exactly; the message says the size found, never the bytes."""
+    if len(raw) != TICKET_KEY_SIZE:
+        raise SecretError(
+            f"{where} is {len(raw)} bytes; a session-ticket key is exactly {TICKET_KEY_SIZE} "
+            "bytes (16-byte name, 32-byte HMAC-SHA256 key, 32-byte AES-256 key), as "
+            "`openssl rand 80 > ticket.key` makes it; it is never padded or truncated"
+        )
+    return TicketKey(raw[:_NAME], raw[_NAME : _NAME + _HMAC], raw[_NAME + _HMAC :])
+
+
+@dataclass(frozen=True)
+class _TicketKeySet:
+    encrypt: TicketKey
+    by_name: dict[bytes, TicketKey]
+
+
+_ticket_sets: dict[int, _TicketKeySet] = {}
+_ticket_lock = threading.Lock()
+
+
+def _context_address(context: SSL.Context) -> int:
+    return int(_pyopenssl_ffi.cast("uintptr_t", context._context))
+
+
+def _set_mac_key(mac_context: Any, key: TicketKey) -> bool:
+    hmac_key = _ticket_ffi.new("unsigned char[]", key.hmac_key)
+    params = _ticket_ffi.new("OSSL_PARAM[3]")
+    params[0].key = _PARAM_DIGEST
+    params[0].data_type = _OSSL_PARAM_UTF8_STRING
+    params[0].data = _SHA256
+    params[0].data_size = 6
+    params[0].return_size = _OSSL_PARAM_UNMODIFIED
+    params[1].key = _PARAM_KEY
+    params[1].data_type = _OSSL_PARAM_OCTET_STRING
+    params[1].data = hmac_key
+    params[1].data_size = len(key.hmac_key)
+    params[1].return_size = _OSSL_PARAM_UNMODIFIED
+    return bool(_ticket_crypto.EVP_MAC_CTX_set_params(mac_context, params) == 1)
+
+
+def _ticket_failed(_exc: BaseException, *_rest: Any) -> None:
+    return None  # the callback returns -1 (cffi's error value): the handshake fails cleanly
+
+
+@_ticket_ffi.callback(
+    "int(SSL *, unsigned char *, unsigned char *, EVP_CIPHER_CTX *, EVP_MAC_CTX *, int)",
+    onerror=_ticket_failed,
+    error=-1,
+)
+def _ticket_callback(
+    ssl: Any, key_name: Any, iv: Any, cipher_context: Any, mac_context: Any, encrypt: int
+) -> int:
+    address = int(_ticket_ffi.cast("uintptr_t", _ticket_ssl.SSL_get_SSL_CTX(ssl)))
+    with _ticket_lock:
+        keys = _ticket_sets.get(address)
+    if keys is None:
+        return 0  # encrypting: issue no ticket; decrypting: a full handshake
+    if encrypt:
+        key = keys.encrypt
+        if _ticket_crypto.RAND_bytes(iv, _IV_SIZE) != 1:
+            return -1
+        _ticket_ffi.memmove(key_name, key.name, _NAME)
+        aes = _ticket_ffi.new("unsigned char[]", key.aes_key)
+        if _ticket_crypto.EVP_EncryptInit_ex(
+            cipher_context, _ticket_crypto.EVP_aes_256_cbc(), _ticket_ffi.NULL, aes, iv
+        ) != 1 or not _set_mac_key(mac_context, key):
+            return -1
+        return 1
+    found = keys.by_name.get(bytes(_ticket_ffi.buffer(key_name, _NAME)))
+    if found is None:
+        return 0  # unknown key: a full handshake, and a new ticket
+    aes = _ticket_ffi.new("unsigned char[]", found.aes_key)
+    if _ticket_crypto.EVP_DecryptInit_ex(
+        cipher_context, _ticket_crypto.EVP_aes_256_cbc(), _ticket_ffi.NULL, aes, iv
+    ) != 1 or not _set_mac_key(mac_context, found):
+        return -1
+    return 1 if found.name == keys.encrypt.name else 2  # 2: resume, and renew the ticket
+
+
+def _forget_ticket_keys(address: int, keys: _TicketKeySet) -> None:
+    with _ticket_lock:
+        if _ticket_sets.get(address) is keys:  # not a newer context at a reused address
+            del _ticket_sets[address]
+
+
+def install_ticket_keys(context: SSL.Context, keys: Sequence[TicketKey]) -> None:
+    """Encrypt tickets of ``context`` with ``keys[0]``; accept tickets under any of ``keys``."""
+    if not keys:
+        raise TLSError("install_ticket_keys needs at least one key")
+    names = [key.name for key in keys]
+    if len(set(names)) != len(names):
+        raise SecretError("two session-ticket keys share the same 16-byte name")
+    address = _context_address(context)
+    key_set = _TicketKeySet(keys[0], {key.name: key for key in keys})
+    with _ticket_lock:
+        _ticket_sets[address] = key_set
+    weakref.finalize(context, _forget_ticket_keys, address, key_set)
+    pointer = _ticket_ffi.cast("SSL_CTX *", address)
+    if _ticket_ssl.SSL_CTX_set_tlsext_ticket_key_evp_cb(pointer, _ticket_callback) != 1:
+        _forget_ticket_keys(address, key_set)
+        raise TLSError("OpenSSL refused the session-ticket key callback")

@@ -3,9 +3,18 @@
 Theory of operation. A :class:`Token` loads a PKCS#11 module by path, selects one token by
 the token attributes of a key URI (label, serial, ...), logs in once with the PIN and keeps
 a small pool of sessions. PKCS#11 login state belongs to the application, not the session:
-the first session logs in and every later session shares that login, so the pool opens one
-"login session" and ``size - 1`` plain ones, and closes the login session last (closing it
-logs the whole application out).
+the first session logs in and every later session shares that login. One "login session"
+per token and process is kept apart from the pools (closing it logs the whole process out,
+because python-pkcs11 calls C_Logout on it), shared by every :class:`Token` object of that
+token and closed when the last of them closes.
+
+That sharing is what lets a reload rotate the PIN without touching a live connection: a new
+generation opens its own fresh sessions while the old generation's are still signing, and
+the old ones are closed only when nothing uses them. A second C_Login in a process that is
+already logged in returns CKR_USER_ALREADY_LOGGED_IN without looking at the PIN, so when
+the process is logged in already, the new PIN is proven by :func:`probe_login` in a
+short-lived child process (``python -m proxy.token --probe-login``) that reads it from a
+pipe, never from its command line.
 
 ``Token.sign`` is synchronous and thread-safe: it is called from OpenSSL's key callbacks,
 inside a handshake step that runs in a worker thread (DESIGN.md, decision 3). It borrows a
@@ -23,7 +32,10 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pkcs11
+import pkcs11._pkcs11 as _pkcs11_native
 import pkcs11.exceptions as p11err
 from asn1crypto.keys import ECDomainParameters, PublicKeyInfo, RSAPublicKey
 from pkcs11 import Attribute, KeyType, ObjectClass, TokenFlag
@@ -42,11 +55,12 @@ from proxy.errors import (
     KeyNotFoundError,
     LoginError,
     ModuleLoadError,
+    ProxyError,
     SigningError,
     TokenError,
     TokenNotFoundError,
 )
-from proxy.pkcs11uri import KeyURI
+from proxy.pkcs11uri import KeyURI, parse_key_uri
 
 
 class Mechanism(enum.Enum):
@@ -112,6 +126,45 @@ class _PooledSession:
 
 _loaded_modules: dict[str, Any] = {}
 _module_lock = threading.Lock()
+_CKF_OS_LOCKING_OK = 0x00000002
+_CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x00000191
+
+
+class _CInitializeArgs(ctypes.Structure):
+    _fields_ = [
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    ]
+
+
+class _ThreadSafeLib(_pkcs11_native.lib):  # type: ignore[misc]
+    """python-pkcs11's ``lib``, initialised with CKF_OS_LOCKING_OK.
+
+    python-pkcs11 calls C_Initialize(NULL), which tells the module that no two threads
+    will call it at once; SoftHSM2 then turns its locks off, and concurrent handshakes
+    (one signature each, in worker threads) corrupt its memory. Signing from several
+    threads is the design (DESIGN.md, decision 3), so the module is told to lock.
+    """
+
+    def __init__(self, so: str) -> None:
+        self._path = so
+        super().__init__(so)
+
+    def initialize(self) -> None:
+        library = ctypes.CDLL(self._path)  # the same loaded object python-pkcs11 uses
+        arguments = _CInitializeArgs(None, None, None, None, _CKF_OS_LOCKING_OK, None)
+        library.C_Initialize.argtypes = [ctypes.c_void_p]
+        library.C_Initialize.restype = ctypes.c_ulong
+        result = library.C_Initialize(ctypes.byref(arguments))
+        if result not in (0, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            raise ModuleLoadError(
+                f"cannot initialise PKCS#11 module {self._path}: C_Initialize returned "
+                f"CKR 0x{result:08x}"
+            )
 
 
 def load_module(path: str) -> Any:
@@ -120,7 +173,7 @@ def load_module(path: str) -> Any:
         if path in _loaded_modules:
             return _loaded_modules[path]
         try:
-            module = pkcs11.lib(path)
+            module = _ThreadSafeLib(path)
         except p11err.PKCS11Error as exc:
             raise ModuleLoadError(f"cannot load PKCS#11 module {path}: {exc}") from None
         except OSError as exc:  # pragma: no cover - depends on the loader
@@ -203,6 +256,95 @@ def _login_failure(exc: p11err.PKCS11Error, token_label: str) -> LoginError:
     return LoginError(f"login to token {token_label!r} failed: {type(exc).__name__}")
 
 
+@dataclass
+class _Login:
+    session: Any
+    users: int
+
+
+# The one login session per (module, slot) of this process, shared by Token objects.
+_logins: dict[tuple[str, int], _Login] = {}
+_logins_lock = threading.Lock()
+
+
+def _acquire_login(token: Any, module_path: str, selection: KeyURI, pin: str) -> tuple[str, int]:
+    """Log in to ``token`` (or join this process's login, after proving ``pin`` elsewhere)."""
+    key = (module_path, int(token.slot.slot_id))
+    with _logins_lock:
+        logged_in = key in _logins
+    if logged_in:
+        # C_Login would not check the PIN now; a child process does, on its own login. The
+        # lock is not held meanwhile: closing an old generation must not wait for it.
+        probe_login(module_path, selection, pin)
+    with _logins_lock:
+        login = _logins.get(key)
+        if login is not None:
+            login.users += 1
+            return key
+        try:
+            session = token.open(user_pin=pin)
+        except p11err.PKCS11Error as exc:
+            raise _login_failure(exc, token.label) from None
+        _logins[key] = _Login(session, 1)
+        return key
+
+
+def _release_login(key: tuple[str, int]) -> None:
+    with _logins_lock:
+        login = _logins.get(key)
+        if login is None:
+            return
+        login.users -= 1
+        if login.users > 0:
+            return
+        del _logins[key]
+        with suppress(p11err.PKCS11Error):
+            login.session.close()  # C_Logout, then C_CloseSession
+
+
+_PROBE_TIMEOUT = 30.0
+
+
+def probe_login(module_path: str, selection: KeyURI, pin: str) -> None:
+    """Prove that ``pin`` logs in to the token, in a child process; raise LoginError if not.
+
+    The child gets the module path and the key URI on its command line (no secret there)
+    and the PIN on its standard input; it logs in, logs out and says which PKCS#11 error,
+    if any, it met. Live sessions of this process are not touched.
+    """
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy.token", "--probe-login", module_path, str(selection)],
+            input=pin.encode("utf-8"),
+            capture_output=True,
+            timeout=_PROBE_TIMEOUT,
+            env=os.environ.copy(),
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LoginError(f"could not check the new PIN in a child process: {exc}") from None
+    answer = result.stdout.decode("utf-8", "replace").strip()
+    if result.returncode == 0 and answer == "ok":
+        return
+    raise LoginError(answer or f"the PIN check process failed (exit status {result.returncode})")
+
+
+def _probe_login_main(module_path: str, uri_text: str) -> int:
+    pin = sys.stdin.buffer.read().decode("utf-8")
+    try:
+        token = _select_token(module_path, parse_key_uri(uri_text))
+        try:
+            session = token.open(user_pin=pin)
+        except p11err.PKCS11Error as exc:
+            raise _login_failure(exc, token.label) from None
+        session.close()
+    except ProxyError as exc:
+        print(str(exc))
+        return 1
+    print("ok")
+    return 0
+
+
 class Token:
     """A logged-in token with a pool of sessions; thread-safe ``sign``."""
 
@@ -224,14 +366,11 @@ class Token:
         self._acquire_timeout = acquire_timeout
         self._pool: queue.LifoQueue[_PooledSession] = queue.LifoQueue()
         self._sessions: list[_PooledSession] = []
+        self._closed = True  # until the login is held
+        self._login_key = _acquire_login(self._token, module_path, selection, pin)
         self._closed = False
         try:
-            login = self._token.open(user_pin=pin)
-        except p11err.PKCS11Error as exc:
-            raise _login_failure(exc, self.label) from None
-        self._sessions.append(_PooledSession(login))
-        try:
-            for _ in range(pool_size - 1):
+            for _ in range(pool_size):
                 self._sessions.append(_PooledSession(self._token.open()))
         except p11err.PKCS11Error as exc:
             self.close()
@@ -335,7 +474,7 @@ class Token:
         return signature
 
     def close(self) -> None:
-        """Close every session; the login session last, which logs the process out."""
+        """Close this object's sessions; the shared login session goes with the last user."""
         if self._closed:
             return
         self._closed = True
@@ -343,6 +482,7 @@ class Token:
             with suppress(p11err.PKCS11Error):
                 pooled.session.close()
         self._sessions.clear()
+        _release_login(self._login_key)
 
     def __enter__(self) -> Token:
         return self
@@ -533,3 +673,10 @@ def change_pin(module_path: str, token_label: str, old_pin: str, new_pin: str) -
             session.set_pin(old_pin, new_pin)
     except p11err.PKCS11Error as exc:
         raise _login_failure(exc, token_label) from None
+
+
+if __name__ == "__main__":  # probe_login's child: python -m proxy.token --probe-login MODULE URI
+    if len(sys.argv) != 4 or sys.argv[1] != "--probe-login":
+        print("usage: python -m proxy.token --probe-login MODULE TOKEN-URI (PIN on stdin)")
+        raise SystemExit(2)
+    raise SystemExit(_probe_login_main(sys.argv[2], sys.argv[3]))

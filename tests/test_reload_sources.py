@@ -1,0 +1,318 @@
+"""Session-ticket keys shared by a fleet, several certificates by SNI, AWS Secrets Manager
+through a moto server on loopback, and `hsm-proxy dev` watching its state directory."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tests.support import (
+    HSM,
+    REPO,
+    RecordingUpstream,
+    client_context,
+    dev_ca,
+    free_port,
+    https_request,
+    issue_chain,
+)
+from tests.support_reload import (
+    RELOAD_SETTINGS,
+    Load,
+    launch,
+    launch_command,
+    replace_file,
+    resume,
+    serial_of,
+    stop_launched,
+    wait_until,
+)
+
+VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+@pytest.fixture(autouse=True)
+def stop_proxies() -> Iterator[None]:
+    yield
+    stop_launched()
+
+
+def _write_config(directory: Path, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "proxy.toml"
+    config.write_text(text + RELOAD_SETTINGS)
+    return config
+
+
+def _basic(
+    directory: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream, tls_extra: str = ""
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    chain = directory / "chain.pem"
+    chain.write_bytes(issue_chain(ca, hsm.public_keys["ec256"]))
+    return _write_config(
+        directory,
+        f'listen = "127.0.0.1:0"\nupstream = "{upstream.url}"\n\n'
+        f'[token]\nmodule = "{hsm.module}"\npin_file = "{hsm.pin_file}"\nsessions = 2\n\n'
+        f'[tls]\ncertificate = "{chain}"\nkey = "{hsm.uri("ec256")}"\n{tls_extra}',
+    )
+
+
+# --- session tickets ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_two_proxies_sharing_ticket_keys_resume_each_others_sessions(
+    version: str, tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    shared = tmp_path / "ticket.key"
+    shared.write_bytes(secrets.token_bytes(80))
+    alone = tmp_path / "other-ticket.key"
+    alone.write_bytes(secrets.token_bytes(80))
+    a = launch(
+        tmp_path / "a",
+        _basic(tmp_path / "a", hsm, ca, upstream, f"session_ticket_keys = ['{shared}']\n"),
+    )
+    b = launch(
+        tmp_path / "b",
+        _basic(tmp_path / "b", hsm, ca, upstream, f"session_ticket_keys = ['{shared}']\n"),
+    )
+    c = launch(
+        tmp_path / "c",
+        _basic(tmp_path / "c", hsm, ca, upstream, f"session_ticket_keys = ['{alone}']\n"),
+    )
+    context = client_context(ca, VERSIONS[version])
+    reused, session = resume(a.port, context)
+    assert not reused
+    assert a.signatures() == 1
+    reused, _ = resume(b.port, context, session)
+    assert reused  # B decrypted A's ticket ...
+    assert b.signatures() == 0  # ... and the token made no signature for it
+    reused, _ = resume(c.port, context, session)
+    assert not reused  # a proxy with another key cannot: a full handshake, one signature
+    wait_until(lambda: c.signatures() == 1, what="C's signature")
+
+
+def test_ticket_key_rotation_keeps_the_previous_key_for_decryption(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    key_file = tmp_path / "ticket.key"
+    key_file.write_bytes(secrets.token_bytes(80))
+    proxy = launch(
+        tmp_path, _basic(tmp_path, hsm, ca, upstream, f"session_ticket_keys = ['{key_file}']\n")
+    )
+    context = client_context(ca, ssl.TLSVersion.TLSv1_2)
+    _, old_session = resume(proxy.port, context)
+    replace_file(key_file, secrets.token_bytes(80))
+    proxy.wait_for_log(lambda entry: entry.get("event") == "reloaded", timeout=30)
+    signatures = proxy.signatures()
+    reused, new_session = resume(proxy.port, context, old_session)
+    assert reused  # issued under the old key, still accepted after the rotation
+    assert proxy.signatures() == signatures
+    reused, _ = resume(proxy.port, context, new_session)
+    assert reused  # the renewed ticket, under the new key
+
+
+# --- several certificates by SNI -----------------------------------------------------------
+
+
+def _peer(port: int, server_name: str, ca: trustme.CA) -> x509.Certificate:
+    context = client_context(ca)
+    context.check_hostname = False
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def _spki(certificate: x509.Certificate) -> bytes:
+    return certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def test_each_server_name_gets_its_own_certificate_and_token_key(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    api = tmp_path / "api.pem"
+    api.write_bytes(issue_chain(ca, hsm.public_keys["rsa2048"], ("api.test",)))
+    wild = tmp_path / "wild.pem"
+    wild.write_bytes(issue_chain(ca, hsm.public_keys["ec384"], ("*.wild.test",)))
+    sites = (
+        f'[[tls.sni]]\ncertificate = "{api}"\nkey = "{hsm.uri("rsa2048")}"\n\n'
+        f'[[tls.sni]]\ncertificate = "{wild}"\nkey = "{hsm.uri("ec384")}"\n'
+    )
+    proxy = launch(tmp_path, _basic(tmp_path, hsm, ca, upstream, sites))
+    assert _spki(_peer(proxy.port, "api.test", ca)) == hsm.public_keys["rsa2048"]
+    assert _spki(_peer(proxy.port, "x.wild.test", ca)) == hsm.public_keys["ec384"]
+    assert _spki(_peer(proxy.port, "localhost", ca)) == hsm.public_keys["ec256"]
+    assert _spki(_peer(proxy.port, "unknown.test", ca)) == hsm.public_keys["ec256"]  # default
+    assert _spki(_peer(proxy.port, "a.b.wild.test", ca)) == hsm.public_keys["ec256"]
+    # Full verification against the right name, through to the upstream.
+    reply = https_request(proxy.port, client_context(ca), server_name="api.test", path="/api")
+    assert reply.status == 200
+    audit = proxy.wait_for_log(
+        lambda entry: entry.get("event") == "token_signature" and entry.get("sni") == "api.test"
+    )
+    assert audit["key_uri"] == str(hsm.uri("rsa2048"))
+    # Rotating one site's certificate leaves the others alone.
+    before = _peer(proxy.port, "api.test", ca).serial_number
+    localhost_serial = _peer(proxy.port, "localhost", ca).serial_number
+    replace_file(api, issue_chain(ca, hsm.public_keys["rsa2048"], ("api.test",)))
+    wait_until(
+        lambda: _peer(proxy.port, "api.test", ca).serial_number != before, what="api rotation"
+    )
+    assert _peer(proxy.port, "localhost", ca).serial_number == localhost_serial
+
+
+# --- AWS Secrets Manager through moto -----------------------------------------------------
+
+MOTO_SERVER = REPO / ".venv-moto" / "bin" / "moto_server"
+
+
+@pytest.fixture
+def moto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    """A moto server on loopback (from its own virtualenv: deploy/setup.sh --test makes it)."""
+    assert MOTO_SERVER.exists(), f"{MOTO_SERVER} is missing: run deploy/setup.sh --test"
+    port = free_port()
+    log = (tmp_path / "moto.log").open("w")
+    process = subprocess.Popen(
+        [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    for variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(variable, raising=False)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise AssertionError(
+                        f"moto server did not start:\n{(tmp_path / 'moto.log').read_text()}"
+                    ) from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_aws_secrets_manager_rotation_reaches_new_handshakes(
+    moto: str, tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    client = boto3.client("secretsmanager", endpoint_url=moto, region_name="eu-west-1")
+    client.create_secret(Name="proxy/pin", SecretString=hsm.pin_file.read_text().strip())
+    client.create_secret(
+        Name="proxy/chain", SecretString=issue_chain(ca, hsm.public_keys["ec256"]).decode()
+    )
+    client.create_secret(Name="proxy/ticket", SecretBinary=secrets.token_bytes(80))
+    config = _write_config(
+        tmp_path,
+        f'listen = "127.0.0.1:0"\nupstream = "{upstream.url}"\n\n'
+        f'[token]\nmodule = "{hsm.module}"\npin_aws_secret = "proxy/pin"\nsessions = 2\n\n'
+        f'[tls]\ncertificate_aws_secret = "proxy/chain"\nkey = "{hsm.uri("ec256")}"\n'
+        f'session_ticket_keys_aws_secrets = ["proxy/ticket"]\n\n'
+        f'[aws]\nendpoint_url = "{moto}"\nregion = "eu-west-1"\n',
+    )
+    proxy = launch(tmp_path, config)
+    context = client_context(ca)
+    before = serial_of(proxy.port, context)
+    with Load(proxy.port, context, fresh=1, keepalive=1) as load:
+        client.put_secret_value(
+            SecretId="proxy/chain",
+            SecretString=issue_chain(ca, hsm.public_keys["ec256"]).decode(),
+        )
+        wait_until(lambda: serial_of(proxy.port, context) != before, what="the new serial")
+        load.wait_for_more()
+    assert load.failures == []
+    reloads = [entry for entry in proxy.lines() if entry.get("event") == "reloaded"]
+    assert len(reloads) == 1
+    assert "AWS Secrets Manager secret 'proxy/chain' changed" in str(reloads[0]["reason"])
+    # Polled several times since, but the version did not change: no further rebuild.
+    time.sleep(2)
+    assert len([entry for entry in proxy.lines() if entry.get("event") == "reloaded"]) == 1
+    # A wrong-sized ticket key pushed to AWS is refused; the old generation serves on.
+    client.put_secret_value(SecretId="proxy/ticket", SecretBinary=secrets.token_bytes(48))
+    failed = proxy.wait_for_log(lambda entry: entry.get("event") == "reload_failed", timeout=30)
+    assert "'proxy/ticket'" in str(failed["message"])
+    assert "48 bytes" in str(failed["message"])
+    assert https_request(proxy.port, context).status == 200
+
+
+def test_aws_secret_that_does_not_exist_is_a_clear_start_up_error(
+    moto: str, tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    config = _write_config(
+        tmp_path,
+        f'listen = "127.0.0.1:0"\nupstream = "{upstream.url}"\n\n'
+        f'[token]\nmodule = "{hsm.module}"\npin_aws_secret = "no/such/secret"\n\n'
+        f'[tls]\ncertificate = "{tmp_path / "none.pem"}"\nkey = "{hsm.uri("ec256")}"\n\n'
+        f'[aws]\nendpoint_url = "{moto}"\n',
+    )
+    (tmp_path / "none.pem").write_bytes(issue_chain(ca, hsm.public_keys["ec256"]))
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "hsm-proxy"), "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=os.environ.copy(),
+    )
+    assert result.returncode == 1
+    assert (
+        "PIN in AWS Secrets Manager secret 'no/such/secret': read failed: "
+        "describe_secret failed: ResourceNotFoundException"
+    ) in result.stderr
+
+
+# --- dev mode -----------------------------------------------------------------------------
+
+
+def test_dev_mode_watches_its_certificate_and_pin(
+    tmp_path: Path, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    state = tmp_path / "dev"
+    proxy = launch_command(
+        tmp_path,
+        "dev",
+        "--state-dir",
+        str(state),
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream.url,
+    )
+    dev_context = client_context(ca)
+    dev_context.load_verify_locations(cafile=str(state / "ca.pem"))
+    first = serial_of(proxy.port, dev_context)
+    public = _spki(x509.load_pem_x509_certificate((state / "cert.pem").read_bytes()))
+    with Load(proxy.port, dev_context, fresh=1, keepalive=1) as load:
+        replace_file(state / "cert.pem", dev_ca(ca).issue(public, ["localhost", "127.0.0.1"]))
+        wait_until(lambda: serial_of(proxy.port, dev_context) != first, what="the new serial")
+        load.wait_for_more()
+    assert load.failures == []
+    (state / "pin").write_text("wrong-pin\n")
+    failed = proxy.wait_for_log(lambda entry: entry.get("event") == "reload_failed", timeout=30)
+    assert f"PIN file {state / 'pin'}: login failed" in str(failed["message"])
+    assert https_request(proxy.port, dev_context).status == 200
