@@ -93,8 +93,9 @@ if [ "$with_tests" = 1 ]; then
   # moto (the AWS Secrets Manager stand-in the tests start on loopback) wants a newer
   # cryptography than Debian's; it gets a virtualenv of its own, never .venv.
   moto_venv="$here/.venv-moto"
-  if [ ! -x "$moto_venv/bin/moto_server" ]; then
+  if ! "$moto_venv/bin/python" -c "import moto.server" >/dev/null 2>&1; then
     say "installing moto[server] into $moto_venv (test tool, kept apart from .venv)"
+    rm -rf "$moto_venv"
     "$system_python" -m venv "$moto_venv"
     env -u PIP_CONSTRAINT "$moto_venv/bin/python" -m pip install -q "moto[server]>=5"
   fi

@@ -5,7 +5,7 @@
 #
 # Usage: deploy/test-in-debian-chroot.sh [SUITE] [ROOT_DIR]   (default: trixie ./.chroot-SUITE)
 # The chroot is kept between runs (delete ROOT_DIR to start afresh); the repository is copied
-# in from the current working tree (committed or not), without .venv.
+# in from the current working tree (committed or not), without the virtualenvs.
 set -euo pipefail
 suite=${1:-trixie}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,5 +34,5 @@ fi
 
 rm -rf "$root/root/hsm-proxy"
 mkdir -p "$root/root/hsm-proxy"
-tar -C "$here" --exclude=.venv --exclude='.chroot-*' --exclude=.git -cf - . | tar -C "$root/root/hsm-proxy" -xf -
+tar -C "$here" --exclude='.venv*' --exclude='.chroot-*' --exclude=.git -cf - . | tar -C "$root/root/hsm-proxy" -xf -
 chroot "$root" /bin/bash -c "cd /root/hsm-proxy && ./deploy/test.sh -p no:cacheprovider"

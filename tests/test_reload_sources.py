@@ -188,13 +188,12 @@ def moto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
     """A moto server on loopback (from its own virtualenv: deploy/setup.sh --test makes it)."""
     assert MOTO_SERVER.exists(), f"{MOTO_SERVER} is missing: run deploy/setup.sh --test"
     port = free_port()
-    log = (tmp_path / "moto.log").open("w")
-    process = subprocess.Popen(
-        [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
+    with (tmp_path / "moto.log").open("w") as log:
+        process = subprocess.Popen(
+            [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
