@@ -250,6 +250,8 @@ def request_body_length(request: h11.Request) -> int | None:
 
 def check_request(request: h11.Request, limits: HTTPConfig) -> int | None:
     """Check a parsed request before forwarding; return the status to reject it with."""
+    if request.method == b"CONNECT":
+        return 501  # a reverse proxy does not open tunnels to arbitrary hosts
     names = [name for name, _ in request.headers]
     if b"content-length" in names and b"transfer-encoding" in names:
         return 400  # CL.TE / TE.CL smuggling: RFC 9112, 6.3 allows rejecting, and we do

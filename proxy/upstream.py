@@ -36,6 +36,7 @@ import trio
 
 from proxy.config import HTTPConfig, UpstreamConfig, UpstreamGroup
 from proxy.errors import UpstreamError
+from proxy.logs import log
 
 _RECEIVE_SIZE = 65536
 
@@ -202,6 +203,10 @@ class UpstreamPool:
                 )
             except UpstreamFailure as exc:
                 self._down_until[server] = time.monotonic() + self.http.down_time
+                log.warning(
+                    f"{exc}; skipping {server} for {self.http.down_time:g}s",
+                    extra={"fields": {"event": "upstream_down", "upstream": str(server)}},
+                )
                 failure = exc
                 continue
             self._down_until.pop(server, None)
