@@ -203,16 +203,20 @@ class _Exchange:
             event = connection.next_event()
             if event is not h11.NEED_DATA:
                 return event if isinstance(event, h11.Request) else None
-            if buffered or first:
+            if buffered:
                 if deadline is None:
                     deadline = trio.current_time() + http.header_timeout
                 with trio.move_on_at(deadline):
                     connection.receive_data(await self._receive())
                     continue
                 raise _Reject(408)
+            # Nothing of a request yet: the wait ends quietly on timeout or when draining.
             if state.draining:
                 return None
-            with trio.CancelScope(deadline=trio.current_time() + http.idle_timeout) as idle:
+            idle_deadline = (
+                trio.current_time() + http.idle_timeout if deadline is None else deadline
+            )
+            with trio.CancelScope(deadline=idle_deadline) as idle:
                 state.idle_scopes.add(idle)
                 try:
                     data = await self._receive()

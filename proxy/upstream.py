@@ -9,11 +9,12 @@ A pool belongs to one upstream group (config ``[upstreams.NAME]`` or the top-lev
 ``upstream``). :meth:`UpstreamPool.acquire` hands out the most recently used idle
 connection that is neither expired (``http.pool_idle_timeout``) nor readable (an idle
 keep-alive connection that became readable was closed by the backend, or is talking out of
-turn: either way it is not reused), else connects a new one. New connections go to the
-group's addresses in round-robin order; an address that cannot be connected to is skipped
-for ``http.down_time`` seconds and the next one is tried, so one dead backend costs one
-failed connect, not one per request. :meth:`UpstreamPool.release` keeps at most
-``http.pool_size`` idle connections and closes the rest. The server's sweeper calls
+turn: either way it is not reused), else connects a new one. An address that cannot be
+connected to is skipped for ``http.down_time`` seconds and the next one is tried, so one
+dead backend costs one failed connect, not one per request. :meth:`UpstreamPool.release`
+keeps at most ``http.pool_size`` idle connections per address and closes the rest, and
+never keeps one that holds bytes beyond the response (a backend that sent a body with a
+304, say: those bytes would be read as the next response). The server's sweeper calls
 :meth:`UpstreamPool.sweep` to close expired idle connections nobody asked for.
 
 Timeouts turn into :class:`UpstreamFailure` with the ``status`` the server sends to the
@@ -164,19 +165,22 @@ class UpstreamPool:
     def __init__(self, group: UpstreamGroup, http: HTTPConfig) -> None:
         self.group = group
         self.http = http
-        self._idle: deque[UpstreamConnection] = deque()
+        self._idle: dict[UpstreamConfig, deque[UpstreamConnection]] = {
+            server: deque() for server in group.servers
+        }
         self._next = 0
         self._down_until: dict[UpstreamConfig, float] = {}
         self.connections_opened = 0
 
     @property
     def idle_count(self) -> int:
-        return len(self._idle)
+        return sum(len(idle) for idle in self._idle.values())
 
-    def _take_idle(self) -> UpstreamConnection | None:
+    def _take_idle(self, server: UpstreamConfig) -> UpstreamConnection | None:
+        idle = self._idle[server]
         now = time.monotonic()
-        while self._idle:
-            connection = self._idle.pop()  # most recently used: the least likely to be stale
+        while idle:
+            connection = idle.pop()  # most recently used: the least likely to be stale
             if now - connection.idle_since < self.http.pool_idle_timeout and not (
                 connection.looks_closed()
             ):
@@ -185,18 +189,21 @@ class UpstreamPool:
         return None
 
     def _candidates(self) -> list[UpstreamConfig]:
+        """The group's addresses in round-robin order, those marked down left out (unless
+        all are: then all are tried rather than failing without trying)."""
         servers = self.group.servers
+        if len(servers) == 1:
+            return [servers[0]]
         start = self._next % len(servers)
         self._next += 1
         ordered = list(servers[start:] + servers[:start])
         now = time.monotonic()
         up = [server for server in ordered if self._down_until.get(server, 0.0) <= now]
-        return up or ordered  # all down: try them anyway rather than fail without trying
+        return up or ordered
 
-    async def connect(self) -> UpstreamConnection:
-        """A new connection to the next address that accepts one."""
+    async def _connect(self, candidates: list[UpstreamConfig]) -> UpstreamConnection:
         failure: UpstreamFailure | None = None
-        for server in self._candidates():
+        for server in candidates:
             try:
                 connection = await UpstreamConnection.connect(
                     server, self.http.connect_timeout, self.http.read_timeout
@@ -215,31 +222,46 @@ class UpstreamPool:
         assert failure is not None
         raise failure
 
+    async def connect(self) -> UpstreamConnection:
+        """A new connection to the next address that accepts one."""
+        return await self._connect(self._candidates())
+
     async def acquire(self) -> tuple[UpstreamConnection, bool]:
-        """A connection for one request, and whether it was reused from the pool."""
-        connection = self._take_idle()
+        """A connection for one request, and whether it was reused from the pool: requests
+        go round-robin over the addresses, each address with its own idle connections."""
+        candidates = self._candidates()
+        connection = self._take_idle(candidates[0])
         if connection is not None:
             return connection, True
-        return await self.connect(), False
+        return await self._connect(candidates), False
 
     async def release(self, connection: UpstreamConnection) -> None:
         """Return a connection after a complete exchange; keep it if it can be reused."""
         if connection.exchange_complete:
             with suppress(h11.LocalProtocolError):
                 connection.start_next_cycle()
-        if connection.reusable and len(self._idle) < self.http.pool_size:
+        idle = self._idle.get(connection.config)
+        if (
+            connection.reusable
+            and idle is not None
+            and len(idle) < self.http.pool_size
+            and not connection.h11.trailing_data[0]
+        ):
+            connection.bytes_sent = connection.bytes_received = 0  # they count one exchange
             connection.idle_since = time.monotonic()
             connection.requests += 1
-            self._idle.append(connection)
+            idle.append(connection)
             return
         await connection.aclose()
 
     def sweep(self) -> None:
         """Close idle connections past their idle timeout."""
         now = time.monotonic()
-        while self._idle and now - self._idle[0].idle_since >= self.http.pool_idle_timeout:
-            self._idle.popleft().stream.socket.close()
+        for idle in self._idle.values():
+            while idle and now - idle[0].idle_since >= self.http.pool_idle_timeout:
+                idle.popleft().stream.socket.close()
 
     def close(self) -> None:
-        while self._idle:
-            self._idle.popleft().stream.socket.close()
+        for idle in self._idle.values():
+            while idle:
+                idle.popleft().stream.socket.close()
