@@ -3,6 +3,7 @@ streaming source/sink upstream, and raw TLS conversations with the proxy."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -72,10 +73,8 @@ class ScriptedUpstream:
         self._listener.close()
         with self.lock:
             for sock in self._open:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 def header(head: bytes, name: str) -> str | None:
