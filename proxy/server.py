@@ -26,7 +26,8 @@ Failure handling: a malformed or ambiguous request gets its status (400, 408, 41
 half-close and a short drain of what the client still sends) so that the client reads the
 answer instead of a reset; an unreachable upstream gets 502, a slow one 504; an upstream
 that breaks after the response head was sent ends the client connection without
-completing the message, so the client can tell it is truncated. A connection task never
+completing the message and without close_notify, so the client can tell it is truncated
+even when the response is framed by the connection's end. A connection task never
 lets an exception escape: one bad connection cannot stop the listener.
 
 Shutdown: SIGTERM or SIGINT closes the listeners, closes idle keep-alive connections,
@@ -181,6 +182,9 @@ class _Exchange:
         )
         self.bytes_sent = 0
         self.linger = False
+        # A response broke off: close without close_notify, so that even a response framed
+        # by the connection's end reads as truncated, never as complete.
+        self.abort = False
 
     async def _receive(self) -> bytes:
         try:
@@ -246,7 +250,8 @@ class _Exchange:
     async def send_error(self, status: int) -> None:
         self.linger = True
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return  # a response is already under way: the connection just ends
+            self.abort = True  # a response is already under way: the connection just ends
+            return
         response, body = error_response(status)
         await self.send(response, h11.Data(data=body), h11.EndOfMessage())
 
@@ -492,7 +497,7 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
         state.sign_limiter,
         on_server_name=lambda name: context.__setitem__("sni", name),
     )
-    linger = False
+    linger = abort = False
     try:
         try:
             with trio.fail_after(generation.config.tls.handshake_timeout):
@@ -510,7 +515,7 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
         try:
             await _serve_http(exchange, generation, state)
         finally:
-            linger = exchange.linger
+            linger, abort = exchange.linger, exchange.abort
     except _ClientGone:
         pass
     except Exception:
@@ -521,7 +526,10 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
             if linger:
                 tls.transport = _LingeringClose(stream)
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await tls.aclose()
+                if abort:
+                    await tls.transport.aclose()
+                else:
+                    await tls.aclose()
         if scope.cancelled_caught:
             await stream.aclose()
 

@@ -294,6 +294,36 @@ def test_an_upstream_dying_mid_response_is_not_passed_off_as_complete(
             client.get(f"{proxy.url}/truncated")
 
 
+def test_a_close_framed_response_that_breaks_off_ends_without_close_notify(
+    start_proxy: StartProxy, scripted: Callable[..., ScriptedUpstream], ca: trustme.CA
+) -> None:
+    """An HTTP/1.0 client gets a chunked upstream response framed by the connection's end;
+    when the upstream dies mid-body the proxy must not close cleanly (close_notify), or
+    the client would take the truncated body for the whole."""
+
+    def handler(sock: socket.socket, server: ScriptedUpstream) -> None:
+        server.read_head(sock, bytearray())
+        sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        time.sleep(0.2)
+
+    proxy = start_proxy(scripted(handler).url)
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    context = client_context(ca)
+    context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF  # tell close_notify from a bare close
+    with context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as tls:
+        tls.sendall(b"GET /breaks HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        data = b""
+        ending: Exception | None = None
+        try:
+            while chunk := tls.recv(65536):
+                data += chunk
+        except ssl.SSLError as exc:  # UNEXPECTED_EOF_WHILE_READING: no close_notify came
+            ending = exc
+    assert data.endswith(b"\r\n\r\nhello")
+    assert ending is not None, "the truncated response ended with close_notify"
+    assert "EOF" in str(ending)
+
+
 def test_small_response_head_and_body_leave_in_one_tls_record(
     start_proxy: StartProxy, upstream: RecordingUpstream, ca: trustme.CA
 ) -> None:
