@@ -263,10 +263,10 @@ class HTTPConfig:
     max_headers: int = 100  # header fields; more: 431
     max_body_bytes: int = 0  # request body; more: 413; 0 means no limit
     header_timeout: float = 30.0  # seconds to receive a whole request head; then 408
-    body_timeout: float = 60.0  # seconds without request body bytes; then 408
+    body_timeout: float = 60.0  # seconds a request body stalls (408), or the client stops reading
     idle_timeout: float = 75.0  # seconds a kept-alive client connection may stay idle
     connect_timeout: float = 5.0  # upstream connect; then the next address, or 502/504
-    read_timeout: float = 60.0  # seconds without upstream bytes; then 504
+    read_timeout: float = 60.0  # seconds the upstream neither sends nor takes bytes; then 504
     max_connections: int = 1024  # client connections; more wait in the listen backlog
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
     forwarded: bool = False  # also send an RFC 7239 Forwarded header

@@ -124,8 +124,8 @@ def end_to_end_headers(headers: Headers) -> Headers:
 
 def is_upgrade(request: h11.Request) -> bool:
     """A protocol switch request (WebSocket): ``Upgrade`` named in ``Connection``."""
-    return b"upgrade" in _connection_tokens(_as_sent(request.headers)) and any(
-        name == b"upgrade" for name, _ in request.headers
+    return any(name == b"upgrade" for name, _ in request.headers) and b"upgrade" in (
+        _connection_tokens(_as_sent(request.headers))
     )
 
 

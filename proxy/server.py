@@ -238,9 +238,11 @@ class _Exchange:
         raise _Reject(408)
 
     async def send_raw(self, data: bytes) -> None:
+        """Send to the client; one that stops reading for ``http.body_timeout`` is dropped."""
         try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            with trio.fail_after(self.http.body_timeout):
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             raise _ClientGone from exc
         self.bytes_sent += len(data)
 
@@ -319,17 +321,16 @@ async def _tunnel(exchange: _Exchange, upstream: UpstreamConnection) -> None:
         done.cancel()
 
     async def down(done: trio.CancelScope) -> None:
-        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError, _ClientGone):
             if upstream_rest:
                 await exchange.send_raw(upstream_rest)
             while data := await upstream.stream.receive_some(_RECEIVE_SIZE):
                 await exchange.send_raw(data)
         done.cancel()
 
-    with suppress(_ClientGone):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(up, nursery.cancel_scope)
-            nursery.start_soon(down, nursery.cancel_scope)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(up, nursery.cancel_scope)
+        nursery.start_soon(down, nursery.cancel_scope)
 
 
 async def _forward(

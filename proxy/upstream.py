@@ -107,7 +107,12 @@ class UpstreamConnection:
     async def send_data(self, data: bytes) -> None:
         if data:
             try:
-                await self.stream.send_all(data)
+                with trio.fail_after(self.read_timeout):
+                    await self.stream.send_all(data)
+            except trio.TooSlowError:
+                raise UpstreamFailure(
+                    f"upstream {self.config} took nothing for {self.read_timeout:g}s", 504
+                ) from None
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise UpstreamFailure(
                     f"upstream {self.config} closed the connection",
