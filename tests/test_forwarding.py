@@ -325,9 +325,13 @@ def test_a_close_framed_response_that_breaks_off_ends_without_close_notify(
 
 
 def test_small_response_head_and_body_leave_in_one_tls_record(
-    start_proxy: StartProxy, upstream: RecordingUpstream, ca: trustme.CA
+    start_proxy: StartProxy, scripted: Callable[..., ScriptedUpstream], ca: trustme.CA
 ) -> None:
-    proxy = start_proxy(upstream.url)
+    def handler(sock: socket.socket, server: ScriptedUpstream) -> None:
+        server.read_head(sock, bytearray())
+        respond(sock, body=b"small")  # head and body in one write
+
+    proxy = start_proxy(scripted(handler).url)
     context = client_context(ca, ssl.TLSVersion.TLSv1_2)  # records after the handshake are data
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
