@@ -182,7 +182,12 @@ def upstream_request(request: h11.Request, client: ClientInfo) -> h11.Request:
 def client_response(response: h11.Response, closing: bool = False) -> h11.Response:
     """The response to send the client for ``response`` received from upstream;
     ``closing`` adds ``Connection: close`` (the proxy is draining or must close)."""
-    headers = end_to_end_headers(_as_sent(response.headers))
+    received = _as_sent(response.headers)
+    headers = end_to_end_headers(received)
+    if any(name.lower() == b"transfer-encoding" for name, _ in received):
+        # h11 read the body as chunked (RFC 9112, 6.3: Transfer-Encoding wins); a
+        # Content-Length beside it is meaningless and must not frame the body we send on.
+        headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
     if closing:
         headers.append((b"Connection", b"close"))
     return h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)

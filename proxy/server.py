@@ -397,12 +397,17 @@ async def _forward(
                 break
             else:
                 raise UpstreamFailure(f"upstream {where} ended the response early", 502)
-    except UpstreamFailure as failure:
-        log.warning(str(failure), extra={"fields": {"event": "upstream_error"}})
+    except (UpstreamFailure, h11.LocalProtocolError) as caught:
+        broken = (
+            caught
+            if isinstance(caught, UpstreamFailure)
+            else UpstreamFailure(f"upstream {where} sent what cannot be relayed: {caught}", 502)
+        )
+        log.warning(str(broken), extra={"fields": {"event": "upstream_error"}})
         if upstream is not None:
             await upstream.aclose()
-        await exchange.send_error(failure.status)
-        return failure.status, where
+        await exchange.send_error(broken.status)
+        return broken.status, where
     except BaseException:
         if upstream is not None:
             with trio.CancelScope(shield=True):

@@ -61,6 +61,14 @@ def test_hop_by_hop_headers_and_those_named_by_connection_are_removed() -> None:
     assert names(client_response(response).headers) == [b"server"]
 
 
+def test_a_response_with_both_framings_loses_its_content_length() -> None:
+    response = h11.Response(
+        status_code=200,
+        headers=[(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"5"), (b"X", b"y")],
+    )
+    assert names(client_response(response).headers) == [b"x"]
+
+
 def test_forwarding_headers_are_appended_or_replaced() -> None:
     request = parse(
         b"GET / HTTP/1.1\r\nHost: app.example:8443\r\nX-Forwarded-For: 198.51.100.7\r\n"
