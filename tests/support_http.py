@@ -174,6 +174,18 @@ def exchange_raw(port: int, ca: trustme.CA, payload: bytes) -> bytes:
         return read_all(tls)
 
 
+def read_response(tls: ssl.SSLSocket) -> bytes:
+    """One Content-Length framed response from a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += tls.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(header(head, "content-length") or 0)
+    while len(body) < length:
+        body += tls.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
 

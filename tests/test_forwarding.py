@@ -21,6 +21,7 @@ from tests.support_http import (
     exchange_raw,
     read_all,
     read_body,
+    read_response,
     respond,
     status_of,
     tls_connect,
@@ -480,8 +481,7 @@ def test_idle_keepalive_connections_are_closed(
     proxy = start_proxy(upstream.url, http="idle_timeout = 0.5")
     with tls_connect(proxy.port, ca) as tls:
         tls.sendall(get("/first"))
-        first = tls.recv(65536)
-        assert status_of(first) == 200
+        assert status_of(read_response(tls)) == 200
         assert read_all(tls) == b""  # closed quietly after the idle timeout, no 408
 
 
