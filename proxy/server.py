@@ -44,8 +44,8 @@ import errno
 import itertools
 import signal
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -598,18 +598,20 @@ async def serve(
         host, port = listener.socket.getsockname()[:2]
         bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     slots = trio.Semaphore(http.max_connections)
-    signals = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if handle_signals else None
+    signals = (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+        if handle_signals
+        else nullcontext(None)
+    )
     try:
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as accepting:
-                for listener in listeners:
-                    accepting.start_soon(partial(_accept, listener, connections, state, slots))
-                accepting.start_soon(_sweep_pools, state)
-                if signals is None:
+        with signals as received:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(partial(_accept, listener, connections, state, slots))
+                    accepting.start_soon(_sweep_pools, state)
                     on_ready(bound)
-                else:
-                    with signals as received:
-                        on_ready(bound)
+                    if received is not None:
                         async for signum in received:
                             log.info(
                                 f"received {signal.Signals(signum).name}: stopping; in-flight "
@@ -617,24 +619,25 @@ async def serve(
                             )
                             break
                         accepting.cancel_scope.cancel()
-            for listener in listeners:
-                await listener.aclose()
-            state.drain()
-            connections.cancel_scope.deadline = trio.current_time() + http.shutdown_grace
-            if signals is not None:
-                connections.start_soon(_second_signal, connections.cancel_scope)
-            connections.start_soon(_stop_when_idle, connections, 1 if signals is None else 2)
+                for listener in listeners:
+                    await listener.aclose()
+                state.drain()
+                connections.cancel_scope.deadline = trio.current_time() + http.shutdown_grace
+                helpers = 1
+                if received is not None:
+                    connections.start_soon(_second_signal, received, connections.cancel_scope)
+                    helpers = 2
+                connections.start_soon(_stop_when_idle, connections, helpers)
     finally:
         for pool in state.pools.values():
             pool.close()
 
 
-async def _second_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
-        async for _ in received:
-            log.info("second signal: stopping now")
-            scope.cancel()
-            return
+async def _second_signal(received: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _ in received:
+        log.info("second signal: stopping now")
+        scope.cancel()
+        return
 
 
 async def _stop_when_idle(connections: trio.Nursery, helpers: int) -> None:

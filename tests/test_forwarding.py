@@ -597,6 +597,16 @@ def test_sigterm_grace_period_ends_requests_that_take_too_long(
         proxy.process.send_signal(15)
         assert proxy.process.wait(timeout=15) == 0
         assert read_all(tls) == b""
+    # A second signal does not wait for the (here very long) grace period.
+    patient = start_proxy(backend.url, http="shutdown_grace = 600")
+    with tls_connect(patient.port, ca, timeout=30) as tls:
+        tls.sendall(get("/stuck"))
+        wait_until(lambda: len(backend.heads) == 2)
+        patient.process.send_signal(15)
+        patient.wait_for_log(lambda entry: "in-flight requests get" in entry.get("message", ""))
+        patient.process.send_signal(15)
+        assert patient.process.wait(timeout=15) == 0
+        assert read_all(tls) == b""
 
 
 # --- WebSocket ----------------------------------------------------------------------------------
