@@ -333,6 +333,19 @@ async def _tunnel(exchange: _Exchange, upstream: UpstreamConnection) -> None:
         nursery.start_soon(down, nursery.cancel_scope)
 
 
+async def _early_response(upstream: UpstreamConnection) -> h11.Event | None:
+    """A response the upstream sent before it stopped taking the request, if any."""
+    if upstream.h11.their_state is not h11.SEND_RESPONSE or upstream.h11.our_state is h11.DONE:
+        return None
+    try:
+        with trio.move_on_after(_LINGER_SECONDS):
+            event = await upstream.next_event()
+            return event if isinstance(event, h11.Response) else None
+    except UpstreamFailure:
+        return None
+    return None
+
+
 async def _forward(
     exchange: _Exchange, request: h11.Request, routing: Routing, draining: Callable[[], bool]
 ) -> tuple[int, str]:
@@ -366,7 +379,14 @@ async def _forward(
                     may_resend and upstream.bytes_received == 0
                 )
                 if not (reused and fresh_is_safe):
-                    raise
+                    early = await _early_response(upstream)
+                    if early is None:
+                        raise
+                    # The upstream answered (413, 401 ...) and closed before taking the whole
+                    # body: relay its answer; the client connection closes after it.
+                    event = early
+                    exchange.linger = True
+                    break
                 await upstream.aclose()
                 upstream = None
                 upstream = await pool.connect()

@@ -456,6 +456,28 @@ def test_a_refused_upload_is_drained_so_the_client_reads_the_answer(
     assert data.endswith(b"413 Content Too Large\n")
 
 
+def test_an_upstream_answer_before_the_body_is_taken_reaches_the_client(
+    start_proxy: StartProxy, scripted: Callable[..., ScriptedUpstream], ca: trustme.CA
+) -> None:
+    """A backend that refuses an upload from its head alone and closes: the client gets the
+    backend's answer, not a 502."""
+
+    def handler(sock: socket.socket, server: ScriptedUpstream) -> None:
+        server.read_head(sock, bytearray())
+        respond(sock, 413, b"upstream says: too large", "Connection: close\r\n")
+
+    proxy = start_proxy(scripted(handler).url)
+    body = b"x" * (8 << 20)
+    with tls_connect(proxy.port, ca) as tls:
+        tls.sendall(
+            f"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        tls.sendall(body)
+        data = read_all(tls)
+    assert status_of(data) == 413
+    assert data.endswith(b"upstream says: too large")
+
+
 # --- timeouts --------------------------------------------------------------------------------
 
 
