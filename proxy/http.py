@@ -145,14 +145,19 @@ def _as_sent(headers: Any) -> Headers:
     return [(bytes(name), bytes(value)) for name, value in headers.raw_items()]
 
 
-def upstream_request(request: h11.Request, client: ClientInfo) -> h11.Request:
-    """The request to send upstream for ``request`` received from ``client``."""
+def upstream_request(
+    request: h11.Request, client: ClientInfo, upstream_host: str = "localhost"
+) -> h11.Request:
+    """The request to send upstream for ``request`` received from ``client``. An HTTP/1.0
+    request without Host gets the SNI name, else ``upstream_host`` (HTTP/1.1 needs one)."""
     received = _as_sent(request.headers)
     headers = [
         (name, value)
         for name, value in end_to_end_headers(received)
         if name.lower() not in _REPLACED_BY_PROXY and name.lower() != b"x-forwarded-for"
     ]
+    if not any(name.lower() == b"host" for name, _ in headers):
+        headers.insert(0, (b"Host", (client.server_name or upstream_host).encode("idna")))
     previous_for = [value for name, value in received if name.lower() == b"x-forwarded-for"]
     forwarded_for = b", ".join([*previous_for, client.address.encode("ascii")])
     host = next((value for name, value in received if name.lower() == b"host"), None)

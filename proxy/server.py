@@ -357,7 +357,7 @@ async def _forward(
     if status is not None:
         raise _Reject(status)
     pool = routing.pools[choose_upstream(routing.routes, request, exchange.client.server_name)]
-    outgoing = upstream_request(request, exchange.client)
+    outgoing = upstream_request(request, exchange.client, pool.group.servers[0].authority)
     upgrade = is_upgrade(request)
     has_body = any(name in (b"content-length", b"transfer-encoding") for name, _ in request.headers)
     # Resending is safe when nothing reached the upstream, or when a bodiless idempotent

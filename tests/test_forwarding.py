@@ -77,6 +77,15 @@ def test_pipelined_requests_are_answered_in_order(
     assert paths == ["/one", "/two", "/three"]
 
 
+def test_an_http10_request_without_host_is_forwarded_with_one(
+    start_proxy: StartProxy, upstream: RecordingUpstream, ca: trustme.CA
+) -> None:
+    proxy = start_proxy(upstream.url)
+    data = exchange_raw(proxy.port, ca, b"GET /old HTTP/1.0\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200 ")  # h11 answers 1.0 clients with a 1.1 status line
+    assert upstream.requests[-1].headers["Host"] == "localhost"  # the SNI name
+
+
 def _bodies(data: bytes) -> list[bytes]:
     bodies = []
     while data:

@@ -86,6 +86,15 @@ def test_forwarding_headers_are_appended_or_replaced() -> None:
     assert value(plain.headers, b"forwarded") is None  # http.forwarded is off by default
 
 
+def test_a_request_without_host_gets_one_for_the_upstream() -> None:
+    request = parse(b"GET / HTTP/1.0\r\n\r\n")
+    with_sni = upstream_request(request, ClientInfo("10.0.0.1", server_name="app.example"))
+    assert value(with_sni.headers, b"host") == b"app.example"
+    without = upstream_request(request, ClientInfo("10.0.0.1"), "10.0.0.5:8080")
+    assert value(without.headers, b"host") == b"10.0.0.5:8080"
+    assert value(without.headers, b"x-forwarded-host") is None
+
+
 def test_client_sent_identity_headers_never_reach_the_upstream() -> None:
     request = parse(
         b"GET / HTTP/1.1\r\nHost: a\r\nX-Client-Cert-Subject: CN=admin\r\n"
