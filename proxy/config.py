@@ -20,6 +20,17 @@ Example (the README documents every key)::
     certificate = "/etc/hsm-proxy/chain.pem"  # leaf first, then intermediates
     key = "pkcs11:token=proxy;object=web-key;type=private"
     handshake_timeout = 10.0
+
+    [http]                                    # limits and timeouts; every key optional
+    max_body_bytes = 0
+
+    [upstreams.api]                           # more upstreams, round-robin over servers
+    servers = ["http://10.0.0.11:9000", "http://10.0.0.12:9000"]
+
+    [[routes]]                                # first match wins; else the top-level upstream
+    hosts = ["api.example.com"]
+    path_prefix = "/v1"
+    upstream = "api"
 """
 
 from __future__ import annotations
