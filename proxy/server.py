@@ -439,7 +439,7 @@ async def _forward(
 
 def _access(
     exchange: _Exchange,
-    request: h11.Request,
+    request: h11.Request | None,
     status: int,
     sent_before: int,
     started: float,
@@ -452,8 +452,8 @@ def _access(
                 "client": exchange.client.address,
                 "sni": exchange.client.server_name,
                 "tls_version": exchange.tls_info.version,
-                "method": request.method.decode("ascii", "replace"),
-                "path": request.target.decode("ascii", "replace"),
+                "method": request.method.decode("ascii", "replace") if request else "-",
+                "path": request.target.decode("ascii", "replace") if request else "-",
                 "status": status,
                 "bytes_sent": exchange.bytes_sent - sent_before,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
@@ -468,13 +468,15 @@ async def _serve_http(exchange: _Exchange, generation: Generation, state: Server
     draining: Callable[[], bool] = lambda: state.draining  # noqa: E731
     first = True
     while True:
+        started = time.perf_counter()
         try:
             request = await exchange.read_request(state, first)
-        except _Reject as reject:
-            await exchange.send_error(reject.status)
-            return
-        except h11.RemoteProtocolError as exc:
-            await exchange.send_error(error_status_for(exc))
+        except (_Reject, h11.RemoteProtocolError) as refused:
+            # Refused before a request was parsed: still one access line, without a path.
+            status = refused.status if isinstance(refused, _Reject) else error_status_for(refused)
+            sent_before = exchange.bytes_sent
+            await exchange.send_error(status)
+            _access(exchange, None, status, sent_before, started, "-")
             return
         if request is None:
             return

@@ -444,6 +444,8 @@ def test_limits_give_414_431_413(
     )
     assert status_of(chunked) == 413
     assert upstream.requests == []
+    refused = [entry["status"] for entry in proxy.lines() if entry.get("path") == "-"]
+    assert refused == [414, 431, 431]  # heads refused before parsing still get an access line
     ok = exchange_raw(proxy.port, ca, get("/", extra="X-A: 1\r\n" * 8 + "Connection: close\r\n"))
     assert status_of(ok) == 200
 
