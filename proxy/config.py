@@ -20,6 +20,17 @@ Example (the README documents every key)::
     certificate = "/etc/hsm-proxy/chain.pem"  # leaf first, then intermediates
     key = "pkcs11:token=proxy;object=web-key;type=private"
     handshake_timeout = 10.0
+
+    [http]                                    # limits and timeouts; every key optional
+    max_body_bytes = 0
+
+    [upstreams.api]                           # more upstreams, round-robin over servers
+    servers = ["http://10.0.0.11:9000", "http://10.0.0.12:9000"]
+
+    [[routes]]                                # first match wins; else the top-level upstream
+    hosts = ["api.example.com"]
+    path_prefix = "/v1"
+    upstream = "api"
 """
 
 from __future__ import annotations
@@ -108,6 +119,9 @@ class ProxyConfig:
     source: str = field(default="<flags>", compare=False)
     reload: ReloadConfig = field(default_factory=ReloadConfig)
     aws: AWSSettings = field(default_factory=AWSSettings)
+    http: HTTPConfig = field(default_factory=lambda: HTTPConfig())
+    upstreams: tuple[UpstreamGroup, ...] = ()
+    routes: tuple[Route, ...] = ()
 
     def secrets(self) -> list[SecretRef]:
         """Every secret this configuration refers to (what the reloader watches)."""
@@ -308,6 +322,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
             endpoint_url=aws_table.take("endpoint_url", str, None),
         )
         aws_table.finish()
+    http, upstreams, routes = _parse_http(root)
     root.finish()
     return ProxyConfig(
         listen=listen,
@@ -324,6 +339,9 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
         source=source,
         reload=reload,
         aws=aws,
+        http=http,
+        upstreams=upstreams,
+        routes=routes,
     )
 
 
@@ -366,3 +384,135 @@ def _site(table: _Table, base: Path, where: str) -> SiteConfig:
     else:
         ref = SecretRef(aws=certificate_aws, what="certificate chain")
     return SiteConfig(certificate=ref, key=key, names=names)
+
+
+# --- HTTP forwarding: limits, timeouts, upstream groups and routes ([http], [upstreams.*],
+# [[routes]]); the top-level ``upstream`` stays the default route. -------------------------
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    """Limits and timeouts of the HTTP side (README, "HTTP forwarding")."""
+
+    max_request_line: int = 8192  # bytes; longer: 414
+    max_header_bytes: int = 32768  # bytes of the whole head; more: 431
+    max_headers: int = 100  # header fields; more: 431
+    max_body_bytes: int = 0  # request body; more: 413; 0 means no limit
+    header_timeout: float = 30.0  # seconds to receive a whole request head; then 408
+    body_timeout: float = 60.0  # seconds a request body stalls (408), or the client stops reading
+    idle_timeout: float = 75.0  # seconds a kept-alive client connection may stay idle
+    connect_timeout: float = 5.0  # upstream connect; then the next address, or 502/504
+    read_timeout: float = 60.0  # seconds the upstream neither sends nor takes bytes; then 504
+    max_connections: int = 1024  # client connections; more wait in the listen backlog
+    shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
+    forwarded: bool = False  # also send an RFC 7239 Forwarded header
+    pool_size: int = 32  # idle keep-alive connections kept per upstream
+    pool_idle_timeout: float = 30.0  # seconds an idle upstream connection is kept
+    down_time: float = 10.0  # seconds an upstream address is skipped after it failed
+
+
+@dataclass(frozen=True)
+class UpstreamGroup:
+    """A named upstream: one or more addresses used round-robin."""
+
+    name: str
+    servers: tuple[UpstreamConfig, ...]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Requests whose Host (or SNI when there is no Host) matches one of ``hosts`` (all hosts
+    when empty; ``*.example.com`` matches subdomains) and whose path starts with
+    ``path_prefix`` go to the upstream group ``upstream``. The first matching route wins."""
+
+    upstream: str
+    hosts: tuple[str, ...] = ()
+    path_prefix: str = "/"
+
+
+DEFAULT_UPSTREAM = "default"
+
+_HTTP_COUNTS = {
+    "max_request_line": (64, 1 << 20),
+    "max_header_bytes": (256, 16 << 20),
+    "max_headers": (1, 10000),
+    "max_body_bytes": (0, 1 << 62),
+    "max_connections": (1, 1 << 20),
+    "pool_size": (0, 100000),
+}
+_HTTP_SECONDS = (
+    "header_timeout",
+    "body_timeout",
+    "idle_timeout",
+    "connect_timeout",
+    "read_timeout",
+    "pool_idle_timeout",
+    "down_time",
+)
+
+
+def _parse_http(root: _Table) -> tuple[HTTPConfig, tuple[UpstreamGroup, ...], tuple[Route, ...]]:
+    defaults = HTTPConfig()
+    values: dict[str, Any] = {}
+    table = root.table("http") if "http" in root._data else _Table({}, "http.")
+    for key, (low, high) in _HTTP_COUNTS.items():
+        value = table.take(key, int, getattr(defaults, key))
+        if not low <= value <= high:
+            raise ConfigError(f"http.{key}: must be from {low} to {high}, got {value}")
+        values[key] = value
+    for key in _HTTP_SECONDS:
+        values[key] = _positive(
+            table.take(key, (int, float), getattr(defaults, key)), f"http.{key}"
+        )
+    grace = table.take("shutdown_grace", (int, float), defaults.shutdown_grace)
+    if grace < 0:
+        raise ConfigError(f"http.shutdown_grace: must be 0 or more, got {grace}")
+    values["shutdown_grace"] = float(grace)
+    values["forwarded"] = table.take("forwarded", bool, defaults.forwarded)
+    table.finish()
+    http = HTTPConfig(**values)
+
+    groups: list[UpstreamGroup] = []
+    upstreams = root.table("upstreams") if "upstreams" in root._data else _Table({}, "")
+    for name in list(upstreams._data):
+        if name == DEFAULT_UPSTREAM:
+            raise ConfigError(
+                f"upstreams.{name}: the name {name!r} is the top-level upstream; choose another"
+            )
+        group = upstreams.table(name)
+        servers = group.take("servers", list)
+        if not servers:
+            raise ConfigError(f"upstreams.{name}.servers: needs at least one http://HOST:PORT")
+        parsed = []
+        for index, server in enumerate(servers):
+            where = f"upstreams.{name}.servers[{index}]"
+            if not isinstance(server, str):
+                raise ConfigError(f"{where}: expected a string, got {type(server).__name__}")
+            parsed.append(parse_upstream(server, where))
+        group.finish()
+        groups.append(UpstreamGroup(name, tuple(parsed)))
+    upstreams.finish()
+
+    known = {DEFAULT_UPSTREAM, *(group.name for group in groups)}
+    routes: list[Route] = []
+    for index, entry in enumerate(root.take("routes", list, [])):
+        where = f"routes[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a table ([[routes]])")
+        route = _Table(entry, f"{where}.")
+        upstream = route.take("upstream", str)
+        if upstream not in known:
+            raise ConfigError(
+                f"{where}.upstream: no upstream named {upstream!r} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+        hosts = route.take("hosts", list, [])
+        for host in hosts:
+            if not isinstance(host, str) or not host or "/" in host or ":" in host:
+                raise ConfigError(f"{where}.hosts: {host!r} is not a host name (without a port)")
+        prefix = route.take("path_prefix", str, "/")
+        if not prefix.startswith("/"):
+            raise ConfigError(f"{where}.path_prefix: {prefix!r} must start with /")
+        route.finish()
+        routes.append(Route(upstream, tuple(host.lower() for host in hosts), prefix))
+    return http, tuple(groups), tuple(routes)

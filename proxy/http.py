@@ -15,6 +15,18 @@ socket, and is tested without a network.
   ``X-Forwarded-Host`` replace whatever the client sent. The Host header is kept.
 * ``Expect: 100-continue`` is answered by the proxy and not forwarded.
 * Error responses are short, plain text, closing, and never reveal internal details.
+* Requests are checked before anything is forwarded (:func:`check_request_head` on the raw
+  head bytes, :func:`check_request` on the parsed request): over-long request line (414),
+  head too large or too many headers (431), a body larger than allowed (413), and every
+  form of ambiguous framing h11 would otherwise tolerate (obs-fold line folding, both
+  Content-Length and Transfer-Encoding) is a 400; h11 itself rejects differing repeated
+  Content-Length, invalid chunk sizes and transfer codings other than chunked (501).
+* ``Upgrade`` requests (WebSocket) keep their Upgrade and ``Connection: upgrade`` headers;
+  after the upstream's 101 the server turns the connection into a byte tunnel.
+* Routing (:func:`choose_upstream`) picks an upstream group by Host (SNI when there is no
+  Host) and path prefix; the first matching route wins, the top-level upstream is the rest.
+* The client's verified TLS identity (mutual TLS) reaches the upstream through
+  :func:`identity_headers`: client-sent copies of those headers are always dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import h11
+
+from proxy.config import DEFAULT_UPSTREAM, HTTPConfig, Route
 
 HOP_BY_HOP = frozenset(
     {
@@ -37,15 +51,27 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
-_REPLACED_BY_PROXY = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"expect"})
+# Headers that carry the client's verified certificate identity (mutual TLS). Whatever the
+# client sends under these names is dropped; only ClientInfo.identity is forwarded.
+IDENTITY_HEADERS = frozenset(
+    {b"x-client-cert-subject", b"x-client-cert-fingerprint", b"x-forwarded-client-cert"}
+)
+_REPLACED_BY_PROXY = (
+    frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"expect", b"forwarded"})
+    | IDENTITY_HEADERS
+)
+# Methods a proxy may resend when a reused upstream connection died without answering.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 REASONS = {
     400: b"Bad Request",
+    404: b"Not Found",
     408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
@@ -55,11 +81,31 @@ Headers = list[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True)
+class ClientIdentity:
+    """A client certificate the TLS layer verified (mutual TLS)."""
+
+    subject: str
+    fingerprint_sha256: str | None = None
+
+
+@dataclass(frozen=True)
 class ClientInfo:
     """Who is on the other end of the TLS connection, as the forwarding rules need it."""
 
     address: str
     server_name: str | None = None
+    identity: ClientIdentity | None = None
+    forwarded: bool = False  # also send RFC 7239 Forwarded (http.forwarded)
+
+
+def identity_headers(identity: ClientIdentity | None) -> Headers:
+    """The headers that tell the upstream who the verified client is (none without mTLS)."""
+    if identity is None:
+        return []
+    headers = [(b"X-Client-Cert-Subject", identity.subject.encode("utf-8"))]
+    if identity.fingerprint_sha256:
+        headers.append((b"X-Client-Cert-Fingerprint", identity.fingerprint_sha256.encode()))
+    return headers
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
@@ -76,20 +122,42 @@ def end_to_end_headers(headers: Headers) -> Headers:
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
+def is_upgrade(request: h11.Request) -> bool:
+    """A protocol switch request (WebSocket): ``Upgrade`` named in ``Connection``."""
+    return any(name == b"upgrade" for name, _ in request.headers) and b"upgrade" in (
+        _connection_tokens(_as_sent(request.headers))
+    )
+
+
+def _upgrade_headers(headers: Headers) -> Headers:
+    upgrade = [(name, value) for name, value in headers if name.lower() == b"upgrade"]
+    return [*upgrade, (b"Connection", b"upgrade")] if upgrade else []
+
+
+def _forwarded_node(address: str) -> bytes:
+    # RFC 7239, section 6: IPv6 addresses are bracketed and quoted.
+    return f'"[{address}]"'.encode() if ":" in address else address.encode("ascii")
+
+
 def _as_sent(headers: Any) -> Headers:
     """Header names as the peer wrote them (h11's ``raw_items``): backends see the client's
     spelling, and a response keeps the upstream's."""
     return [(bytes(name), bytes(value)) for name, value in headers.raw_items()]
 
 
-def upstream_request(request: h11.Request, client: ClientInfo) -> h11.Request:
-    """The request to send upstream for ``request`` received from ``client``."""
+def upstream_request(
+    request: h11.Request, client: ClientInfo, upstream_host: str = "localhost"
+) -> h11.Request:
+    """The request to send upstream for ``request`` received from ``client``. An HTTP/1.0
+    request without Host gets the SNI name, else ``upstream_host`` (HTTP/1.1 needs one)."""
     received = _as_sent(request.headers)
     headers = [
         (name, value)
         for name, value in end_to_end_headers(received)
         if name.lower() not in _REPLACED_BY_PROXY and name.lower() != b"x-forwarded-for"
     ]
+    if not any(name.lower() == b"host" for name, _ in headers):
+        headers.insert(0, (b"Host", (client.server_name or upstream_host).encode("idna")))
     previous_for = [value for name, value in received if name.lower() == b"x-forwarded-for"]
     forwarded_for = b", ".join([*previous_for, client.address.encode("ascii")])
     host = next((value for name, value in received if name.lower() == b"host"), None)
@@ -97,6 +165,15 @@ def upstream_request(request: h11.Request, client: ClientInfo) -> h11.Request:
     headers.append((b"X-Forwarded-Proto", b"https"))
     if host is not None:
         headers.append((b"X-Forwarded-Host", host))
+    if client.forwarded:
+        element = b"for=" + _forwarded_node(client.address) + b";proto=https"
+        if host is not None and b'"' not in host and b"\\" not in host:
+            element += b';host="' + host + b'"'
+        previous = [value for name, value in received if name.lower() == b"forwarded"]
+        headers.append((b"Forwarded", b", ".join([*previous, element])))
+    headers.extend(identity_headers(client.identity))
+    if is_upgrade(request):
+        headers.extend(_upgrade_headers(received))
     if not any(name.lower() == b"content-length" for name, _ in headers) and any(
         name.lower() == b"transfer-encoding" for name, _ in received
     ):
@@ -107,10 +184,129 @@ def upstream_request(request: h11.Request, client: ClientInfo) -> h11.Request:
     )
 
 
-def client_response(response: h11.Response) -> h11.Response:
-    """The response to send the client for ``response`` received from upstream."""
-    headers = end_to_end_headers(_as_sent(response.headers))
+def client_response(response: h11.Response, closing: bool = False) -> h11.Response:
+    """The response to send the client for ``response`` received from upstream;
+    ``closing`` adds ``Connection: close`` (the proxy is draining or must close)."""
+    received = _as_sent(response.headers)
+    headers = end_to_end_headers(received)
+    if any(name.lower() == b"transfer-encoding" for name, _ in received):
+        # h11 read the body as chunked (RFC 9112, 6.3: Transfer-Encoding wins); a
+        # Content-Length beside it is meaningless and must not frame the body we send on.
+        headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
+    if closing:
+        headers.append((b"Connection", b"close"))
     return h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
+
+
+def switching_response(response: h11.InformationalResponse) -> h11.InformationalResponse:
+    """The upstream's 101 for the client: end-to-end headers plus the Upgrade it agreed to."""
+    received = _as_sent(response.headers)
+    headers = end_to_end_headers(received) + _upgrade_headers(received)
+    return h11.InformationalResponse(status_code=101, headers=headers, reason=response.reason)
+
+
+def check_request_head(buffer: bytes, limits: HTTPConfig) -> int | None:
+    """Check the raw bytes of a request head not yet parsed (h11's ``trailing_data`` while
+    it waits for a request); return the status to reject it with, or None (fine so far).
+
+    This catches what h11 accepts but a proxy must not: obs-fold continuation lines
+    (RFC 9112, section 5.2: a proxy must reject or unfold them; unfolded, a header could
+    mean one thing to us and another to the upstream), and it enforces the request line,
+    head size and header count limits with their own statuses (414, 431)."""
+    start = 0
+    while buffer.startswith(b"\r\n", start) or buffer.startswith(b"\n", start):
+        start += 2 if buffer[start] == 13 else 1  # RFC 9112, 2.2: empty lines before are ok
+    line_end = buffer.find(b"\n", start)
+    if line_end < 0:
+        return 414 if len(buffer) - start > limits.max_request_line else None
+    if line_end - start > limits.max_request_line:
+        return 414
+    end = buffer.find(b"\n\r\n", line_end)
+    end_lf = buffer.find(b"\n\n", line_end)
+    ends = [found for found in (end, end_lf) if found >= 0]
+    if not ends:
+        if len(buffer) - start > limits.max_header_bytes:
+            return 431
+        head = buffer[line_end + 1 :]
+        complete = False
+    else:
+        head_end = min(ends)
+        if head_end + 1 - start > limits.max_header_bytes:
+            return 431
+        head = buffer[line_end + 1 : head_end + 1]
+        complete = True
+    lines = head.split(b"\n")
+    if not complete:
+        lines = lines[:-1]  # the last one may still be arriving
+    count = 0
+    for line in lines:
+        if not line or line == b"\r":
+            continue
+        if line[0] in (0x20, 0x09):
+            return 400  # obs-fold
+        count += 1
+    if count > limits.max_headers:
+        return 431
+    return None
+
+
+def request_body_length(request: h11.Request) -> int | None:
+    """The declared Content-Length, or None (chunked or no body)."""
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)
+    return None
+
+
+def check_request(request: h11.Request, limits: HTTPConfig) -> int | None:
+    """Check a parsed request before forwarding; return the status to reject it with."""
+    if request.method == b"CONNECT":
+        return 501  # a reverse proxy does not open tunnels to arbitrary hosts
+    names = [name for name, _ in request.headers]
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return 400  # CL.TE / TE.CL smuggling: RFC 9112, 6.3 allows rejecting, and we do
+    length = request_body_length(request)
+    if limits.max_body_bytes and length is not None and length > limits.max_body_bytes:
+        return 413
+    return None
+
+
+def _host_name(host: bytes) -> str:
+    text = host.decode("ascii", "replace").strip().lower()
+    if text.startswith("["):
+        return text[: text.find("]") + 1] if "]" in text else text
+    return text.rpartition(":")[0] if ":" in text else text
+
+
+def _host_matches(pattern: str, host: str) -> bool:
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    return host == pattern.rstrip(".") or host.rstrip(".") == pattern
+
+
+def _prefix_matches(prefix: str, path: str) -> bool:
+    if prefix == "/" or prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path == prefix or path.startswith((prefix + "/", prefix + "?"))
+
+
+def choose_upstream(
+    routes: tuple[Route, ...], request: h11.Request, server_name: str | None
+) -> str:
+    """The name of the upstream group for ``request``: the first route whose hosts match
+    the Host header (or the SNI name when there is none) and whose path prefix matches
+    the target; the top-level upstream (``default``) when no route does."""
+    if not routes:
+        return DEFAULT_UPSTREAM
+    host_header = next((value for name, value in request.headers if name == b"host"), None)
+    host = _host_name(host_header) if host_header is not None else (server_name or "").lower()
+    path = request.target.decode("ascii", "replace")
+    for route in routes:
+        if route.hosts and not any(_host_matches(pattern, host) for pattern in route.hosts):
+            continue
+        if _prefix_matches(route.path_prefix, path):
+            return route.upstream
+    return DEFAULT_UPSTREAM
 
 
 def error_response(status: int) -> tuple[h11.Response, bytes]:

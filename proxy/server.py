@@ -1,51 +1,97 @@
 """The server: TLS listeners, one task per connection, and the forwarding loop.
 
-Theory of operation. :func:`serve` binds the listeners and runs one task per accepted TCP
-connection. A connection task takes the current :class:`Generation` once (a reload never
+Theory of operation. :func:`serve` binds the listeners and accepts at most
+``http.max_connections`` client connections at a time (more wait in the kernel's listen
+backlog). A connection task takes the current :class:`Generation` once (a reload never
 changes a connection under way), completes the TLS handshake within the configured
-timeout, then reads requests with an ``h11.Connection(SERVER)``. Each request is sent to
-the upstream over an :class:`UpstreamConnection` kept for the life of the client
-connection while both ends allow keep-alive; the request body is streamed up, then the
-response is streamed back. The HTTP rules themselves live in http.py.
+timeout, then reads requests with an ``h11.Connection(SERVER)``, one at a time and in
+order (pipelined requests wait in h11's buffer until the previous response is complete).
 
-Failure handling: a malformed request gets h11's suggested status (400, 414, 431) and the
-connection is closed; an upstream that cannot be reached gets 502, a slow one 504; an
-upstream that breaks after the response head was sent ends the client connection without
-completing the message, so the client can tell it is truncated. A connection task never
+For each request the rules in http.py check it (limits, ambiguous framing), choose the
+upstream group, and rewrite the head; an :class:`UpstreamPool` per group lends a
+keep-alive connection for the one exchange. The request body is streamed up and the
+response streamed back with backpressure: one buffer of at most 64 KiB per direction is
+in flight, so memory does not grow with the body. Everything h11 can produce from bytes
+already received goes out in one send, so a response head leaves with its first body
+bytes (one TLS record for a small response). A 101 answer to an Upgrade request turns the
+connection into a byte tunnel both ways until either side closes.
+
+Timeouts: the first request head must arrive within ``http.header_timeout`` of the
+handshake, later ones within it of their first byte (408); a kept-alive connection idles
+at most ``http.idle_timeout`` (closed silently); a request body that stalls for
+``http.body_timeout`` gets 408; the upstream's connect and read timeouts are upstream.py's.
+
+Failure handling: a malformed or ambiguous request gets its status (400, 408, 413, 414,
+431, 501) and the connection is closed with a lingering close (close_notify, then a TCP
+half-close and a short drain of what the client still sends) so that the client reads the
+answer instead of a reset; an unreachable upstream gets 502, a slow one 504; an upstream
+that breaks after the response head was sent ends the client connection without
+completing the message and without close_notify, so the client can tell it is truncated
+even when the response is framed by the connection's end. A connection task never
 lets an exception escape: one bad connection cannot stop the listener.
+
+Shutdown: SIGTERM or SIGINT closes the listeners, closes idle keep-alive connections,
+answers in-flight requests with ``Connection: close`` and gives them
+``http.shutdown_grace`` seconds before cancelling what is left; a second signal stops at
+once.
 
 This module and upstream.py are the only ones that await on sockets.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
 
 import h11
 import trio
 
-from proxy.config import Address
+from proxy.config import (
+    DEFAULT_UPSTREAM,
+    Address,
+    HTTPConfig,
+    ProxyConfig,
+    Route,
+    UpstreamGroup,
+)
 from proxy.errors import TLSError
 from proxy.http import (
+    IDEMPOTENT_METHODS,
     ClientInfo,
+    check_request,
+    check_request_head,
+    choose_upstream,
     client_response,
     error_response,
     error_status_for,
+    is_upgrade,
+    switching_response,
     upstream_request,
 )
 from proxy.logs import access_log, connection_context, log
 from proxy.reload import Generation, GenerationHolder
 from proxy.tls import TLSInfo, TLSStream
-from proxy.upstream import UpstreamConnection, UpstreamFailure
+from proxy.upstream import UpstreamConnection, UpstreamFailure, UpstreamPool
 
-IDLE_KEEPALIVE_SECONDS = 75.0
-_CLOSE_GRACE_SECONDS = 2.0
+_LINGER_SECONDS = 2.0
+_CLOSE_GRACE_SECONDS = _LINGER_SECONDS + 2.0
+_RECEIVE_SIZE = 65536
+# accept() errors that mean "out of resources for now": wait and try again (as trio does).
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The upstream pools and routes one configuration uses."""
+
+    routes: tuple[Route, ...]
+    pools: dict[str, UpstreamPool]
 
 
 @dataclass
@@ -53,186 +99,412 @@ class ServerState:
     holder: GenerationHolder
     sign_limiter: trio.CapacityLimiter
     connection_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    pools: dict[tuple[UpstreamGroup, HTTPConfig], UpstreamPool] = field(default_factory=dict)
+    draining: bool = False
+    idle_scopes: set[trio.CancelScope] = field(default_factory=set)
+    _routing: tuple[ProxyConfig, Routing] | None = None
+
+    def routing(self, config: ProxyConfig) -> Routing:
+        """Pools are shared by every configuration that names the same upstream group."""
+        if self._routing is not None and self._routing[0] is config:
+            return self._routing[1]
+        groups = [UpstreamGroup(DEFAULT_UPSTREAM, (config.upstream,)), *config.upstreams]
+        pools = {}
+        for group in groups:
+            key = (group, config.http)
+            if key not in self.pools:
+                self.pools[key] = UpstreamPool(group, config.http)
+            pools[group.name] = self.pools[key]
+        routing = Routing(config.routes, pools)
+        self._routing = (config, routing)
+        return routing
+
+    def drain(self) -> None:
+        self.draining = True
+        for scope in self.idle_scopes:
+            scope.cancel()
 
 
 class _ClientGone(Exception):
     """The client closed or broke the connection; nothing more can be sent to it."""
 
 
+class _Reject(Exception):
+    """The request is refused with ``status`` and the connection closed."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _LingeringClose(trio.abc.Stream):
+    """Swapped in as the TLS stream's transport just before it closes after an error: the
+    close becomes a TCP half-close, a short drain of whatever the client still sends, and
+    only then the close, so that the client reads our answer instead of a reset."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        try:
+            with trio.move_on_after(_LINGER_SECONDS):
+                await self.inner.send_eof()
+                while await self.inner.receive_some(_RECEIVE_SIZE):
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await self.inner.aclose()
+
+
 class _Exchange:
     """One client connection's HTTP side: the h11 server state and the TLS stream."""
 
-    def __init__(self, stream: TLSStream, client: ClientInfo, tls_info: TLSInfo) -> None:
+    def __init__(
+        self, stream: TLSStream, client: ClientInfo, tls_info: TLSInfo, http: HTTPConfig
+    ) -> None:
         self.stream = stream
         self.client = client
         self.tls_info = tls_info
-        self.h11 = h11.Connection(h11.SERVER)
+        self.http = http
+        self.h11 = h11.Connection(
+            h11.SERVER,
+            max_incomplete_event_size=http.max_header_bytes + http.max_request_line + 4,
+        )
         self.bytes_sent = 0
+        self.linger = False
+        # A response broke off: close without close_notify, so that even a response framed
+        # by the connection's end reads as truncated, never as complete.
+        self.abort = False
 
-    async def next_event(self, timeout: float | None = None) -> h11.Event:
-        while True:
-            event = self.h11.next_event()  # raises h11.RemoteProtocolError on bad input
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            try:
-                if timeout is None:
-                    data = await self.stream.receive_some()
-                else:
-                    with trio.fail_after(timeout):
-                        data = await self.stream.receive_some()
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _ClientGone from exc
-            self.h11.receive_data(data)
-
-    async def send(self, *events: h11.Event) -> None:
-        data = b"".join(self.h11.send(event) or b"" for event in events)
+    async def _receive(self) -> bytes:
         try:
-            await self.stream.send_all(data)
+            return await self.stream.receive_some(_RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _ClientGone from exc
+
+    async def read_request(self, state: ServerState, first: bool) -> h11.Request | None:
+        """The next request head, or None when the client closed or stayed idle too long.
+        Raises :class:`_Reject` (limits, obs-fold, 408) or ``h11.RemoteProtocolError``."""
+        http = self.http
+        connection = self.h11
+        deadline = trio.current_time() + http.header_timeout if first else None
+        while True:
+            buffered = connection.trailing_data[0]
+            if buffered:
+                status = check_request_head(buffered, http)
+                if status is not None:
+                    raise _Reject(status)
+            event = connection.next_event()
+            if event is not h11.NEED_DATA:
+                return event if isinstance(event, h11.Request) else None
+            if buffered:
+                if deadline is None:
+                    deadline = trio.current_time() + http.header_timeout
+                with trio.move_on_at(deadline):
+                    connection.receive_data(await self._receive())
+                    continue
+                raise _Reject(408)
+            # Nothing of a request yet: the wait ends quietly on timeout or when draining.
+            if state.draining:
+                return None
+            idle_deadline = (
+                trio.current_time() + http.idle_timeout if deadline is None else deadline
+            )
+            with trio.CancelScope(deadline=idle_deadline) as idle:
+                state.idle_scopes.add(idle)
+                try:
+                    data = await self._receive()
+                finally:
+                    state.idle_scopes.discard(idle)
+            if idle.cancelled_caught:
+                return None  # idle too long, or the server is draining
+            connection.receive_data(data)
+
+    async def receive_body_data(self) -> None:
+        """More request body bytes into h11, within the body timeout (else 408)."""
+        with trio.move_on_after(self.http.body_timeout):
+            self.h11.receive_data(await self._receive())
+            return
+        raise _Reject(408)
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send to the client; one that stops reading for ``http.body_timeout`` is dropped."""
+        try:
+            with trio.fail_after(self.http.body_timeout):
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             raise _ClientGone from exc
         self.bytes_sent += len(data)
 
+    async def send(self, *events: h11.Event) -> None:
+        await self.send_raw(b"".join(self.h11.send(event) or b"" for event in events))
+
     async def send_error(self, status: int) -> None:
+        self.linger = True
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return  # a response is already under way: the connection just ends
+            self.abort = True  # a response is already under way: the connection just ends
+            return
         response, body = error_response(status)
         await self.send(response, h11.Data(data=body), h11.EndOfMessage())
 
 
-async def _forward(
+async def _send_request(
     exchange: _Exchange,
-    request: h11.Request,
-    generation: Generation,
-    upstream: UpstreamConnection | None,
-) -> tuple[int, UpstreamConnection | None]:
-    """Forward one request; return the status sent and the upstream connection to keep."""
-    config = generation.config.upstream
-    if exchange.h11.they_are_waiting_for_100_continue:
-        await exchange.send(h11.InformationalResponse(status_code=100, headers=[]))
-    outgoing = upstream_request(request, exchange.client)
-    if upstream is not None and not upstream.reusable:
-        await upstream.aclose()
-        upstream = None
-    reused = upstream is not None
-    has_body = any(
-        name in (b"content-length", b"transfer-encoding") for name, _ in outgoing.headers
-    )
+    upstream: UpstreamConnection,
+    outgoing: h11.Request,
+    replay: list[h11.Event],
+) -> None:
+    """The request head and the whole body, streamed from the client as it arrives; the
+    head goes out together with whatever body bytes are already here.
+
+    ``replay`` collects the body events taken from the client until the first send to
+    this upstream succeeds: a retry on a fresh connection sends them again, since the
+    client will not."""
+    client = exchange.h11
+    limit = exchange.http.max_body_bytes
+    pending = [upstream.h11.send(outgoing) or b""]
+    received = 0
+    for replayed in replay:
+        if isinstance(replayed, h11.Data):
+            received += len(replayed.data)
+        pending.append(upstream.h11.send(replayed) or b"")
+    if replay and isinstance(replay[-1], h11.EndOfMessage):
+        await upstream.send_data(b"".join(pending))
+        return
+    while True:
+        event: h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED] = client.next_event()
+        if event is h11.NEED_DATA:
+            if pending:
+                await upstream.send_data(b"".join(pending))
+                pending = []
+            if client.they_are_waiting_for_100_continue:
+                await exchange.send(h11.InformationalResponse(status_code=100, headers=[]))
+            await exchange.receive_body_data()
+            continue
+        if isinstance(event, h11.Data):
+            received += len(event.data)
+            if limit and received > limit:
+                raise _Reject(413)
+        elif isinstance(event, h11.EndOfMessage):
+            event = h11.EndOfMessage()  # trailers are not forwarded
+        else:
+            raise _ClientGone  # ConnectionClosed in the middle of a request body
+        if upstream.bytes_sent == 0:
+            replay.append(event)
+        pending.append(upstream.h11.send(event) or b"")
+        if isinstance(event, h11.EndOfMessage):
+            await upstream.send_data(b"".join(pending))
+            return
+
+
+async def _tunnel(exchange: _Exchange, upstream: UpstreamConnection) -> None:
+    """Bytes both ways after a 101, until either side closes."""
+    client_rest = exchange.h11.trailing_data[0]
+    upstream_rest = upstream.h11.trailing_data[0]
+
+    async def up(done: trio.CancelScope) -> None:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            if client_rest:
+                await upstream.stream.send_all(client_rest)
+            while data := await exchange.stream.receive_some(_RECEIVE_SIZE):
+                await upstream.stream.send_all(data)
+        done.cancel()
+
+    async def down(done: trio.CancelScope) -> None:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError, _ClientGone):
+            if upstream_rest:
+                await exchange.send_raw(upstream_rest)
+            while data := await upstream.stream.receive_some(_RECEIVE_SIZE):
+                await exchange.send_raw(data)
+        done.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(up, nursery.cancel_scope)
+        nursery.start_soon(down, nursery.cancel_scope)
+
+
+async def _early_response(upstream: UpstreamConnection) -> h11.Event | None:
+    """A response the upstream sent before it stopped taking the request, if any."""
+    if upstream.h11.their_state is not h11.SEND_RESPONSE or upstream.h11.our_state is h11.DONE:
+        return None
     try:
-        if upstream is None:
-            upstream = await UpstreamConnection.connect(config)
-        try:
-            await upstream.send(outgoing)
-        except UpstreamFailure:
-            if not reused:
-                raise
-            # A kept-alive connection the upstream had already closed: nothing of this
-            # request reached it, so one fresh connection is safe.
-            await upstream.aclose()
-            upstream = await UpstreamConnection.connect(config)
-            reused = False
-            await upstream.send(outgoing)
+        with trio.move_on_after(_LINGER_SECONDS):
+            event = await upstream.next_event()
+            return event if isinstance(event, h11.Response) else None
+    except UpstreamFailure:
+        return None
+    return None
+
+
+async def _forward(
+    exchange: _Exchange, request: h11.Request, routing: Routing, draining: Callable[[], bool]
+) -> tuple[int, str]:
+    """Forward one request and stream its response; return the status and the upstream.
+
+    Raises :class:`_Reject` for a request refused before a response started, and
+    ``h11.RemoteProtocolError`` when the request body breaks framing."""
+    status = check_request(request, exchange.http)
+    if status is not None:
+        raise _Reject(status)
+    pool = routing.pools[choose_upstream(routing.routes, request, exchange.client.server_name)]
+    outgoing = upstream_request(request, exchange.client, pool.group.servers[0].authority)
+    upgrade = is_upgrade(request)
+    has_body = any(name in (b"content-length", b"transfer-encoding") for name, _ in request.headers)
+    # Resending is safe when nothing reached the upstream, or when a bodiless idempotent
+    # request on a reused connection got no byte of answer (the backend closed it idle).
+    may_resend = request.method in IDEMPOTENT_METHODS and not has_body and not upgrade
+    upstream: UpstreamConnection | None = None
+    where = pool.group.name
+    try:
+        upstream, reused = await pool.acquire()
+        where = str(upstream.config)
+        replay: list[h11.Event] = []
         while True:
-            event = await exchange.next_event()
-            if isinstance(event, h11.Data):
-                await upstream.send(h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                await upstream.send(h11.EndOfMessage())
+            try:
+                await _send_request(exchange, upstream, outgoing, replay)
+                event = await upstream.next_event()
                 break
-            else:
-                raise _ClientGone  # ConnectionClosed in the middle of a request body
-        try:
-            event = await upstream.next_event()
-        except UpstreamFailure:
-            if not (reused and not has_body and upstream.bytes_received == 0):
-                raise
-            await upstream.aclose()
-            upstream = await UpstreamConnection.connect(config)
-            await upstream.send(outgoing)
-            await upstream.send(h11.EndOfMessage())
-            event = await upstream.next_event()
+            except UpstreamFailure as failure:
+                fresh_is_safe = (failure.sent_nothing and not upstream.bytes_sent) or (
+                    may_resend and upstream.bytes_received == 0
+                )
+                if not (reused and fresh_is_safe):
+                    early = await _early_response(upstream)
+                    if early is None:
+                        raise
+                    # The upstream answered (413, 401 ...) and closed before taking the whole
+                    # body: relay its answer; the client connection closes after it.
+                    event = early
+                    exchange.linger = True
+                    break
+                await upstream.aclose()
+                upstream = None
+                upstream = await pool.connect()
+                reused = False
+                where = str(upstream.config)
         while isinstance(event, h11.InformationalResponse):
-            event = await upstream.next_event()  # 1xx from upstream: the proxy sent its own 100
+            if event.status_code == 101 and upgrade:
+                await exchange.send(switching_response(event))
+                await _tunnel(exchange, upstream)
+                return 101, where
+            event = await upstream.next_event()  # other 1xx: the proxy sent its own 100
         if not isinstance(event, h11.Response):
-            raise UpstreamFailure(f"upstream {config} sent {type(event).__name__} first", 502)
+            raise UpstreamFailure(f"upstream {where} sent {type(event).__name__} first", 502)
         status = event.status_code
-        await exchange.send(client_response(event))
+        pending = [exchange.h11.send(client_response(event, closing=draining())) or b""]
         while True:
-            event = await upstream.next_event()
-            if isinstance(event, h11.Data):
-                await exchange.send(h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                await exchange.send(h11.EndOfMessage())
+            piece = upstream.next_event_nowait()
+            if piece is h11.NEED_DATA:
+                if pending:
+                    await exchange.send_raw(b"".join(pending))
+                    pending = []
+                upstream.h11.receive_data(await upstream.receive())
+            elif isinstance(piece, h11.Data):
+                pending.append(exchange.h11.send(piece) or b"")
+            elif isinstance(piece, h11.EndOfMessage):
+                pending.append(exchange.h11.send(h11.EndOfMessage()) or b"")
+                await exchange.send_raw(b"".join(pending))
                 break
             else:
-                raise UpstreamFailure(f"upstream {config} ended the response early", 502)
-    except UpstreamFailure as failure:
-        log.warning(str(failure), extra={"fields": {"event": "upstream_error"}})
+                raise UpstreamFailure(f"upstream {where} ended the response early", 502)
+    except (UpstreamFailure, h11.LocalProtocolError) as caught:
+        broken = (
+            caught
+            if isinstance(caught, UpstreamFailure)
+            else UpstreamFailure(f"upstream {where} sent what cannot be relayed: {caught}", 502)
+        )
+        log.warning(str(broken), extra={"fields": {"event": "upstream_error"}})
         if upstream is not None:
             await upstream.aclose()
-        await exchange.send_error(failure.status)
-        return failure.status, None
-    if upstream.reusable or (
-        upstream._h11.our_state is h11.DONE and upstream._h11.their_state is h11.DONE
-    ):
-        upstream.start_next_cycle()
-        return status, upstream
-    await upstream.aclose()
-    return status, None
-
-
-async def _serve_http(exchange: _Exchange, generation: Generation) -> None:
-    upstream: UpstreamConnection | None = None
-    try:
-        while True:
-            try:
-                event = await exchange.next_event(timeout=IDLE_KEEPALIVE_SECONDS)
-            except trio.TooSlowError:
-                return
-            except h11.RemoteProtocolError as exc:
-                await exchange.send_error(error_status_for(exc))
-                return
-            if not isinstance(event, h11.Request):
-                return  # ConnectionClosed
-            started = time.perf_counter()
-            sent_before = exchange.bytes_sent
-            try:
-                status, upstream = await _forward(exchange, event, generation, upstream)
-            except h11.RemoteProtocolError as exc:
-                # The request body broke framing (bad chunk size, ...): never forwarded.
-                status = error_status_for(exc)
-                await exchange.send_error(status)
-                if upstream is not None:
-                    await upstream.aclose()
-                    upstream = None
-            access_log.info(
-                "request",
-                extra={
-                    "fields": {
-                        "client": exchange.client.address,
-                        "sni": exchange.client.server_name,
-                        "tls_version": exchange.tls_info.version,
-                        "method": event.method.decode("ascii", "replace"),
-                        "path": event.target.decode("ascii", "replace"),
-                        "status": status,
-                        "bytes_sent": exchange.bytes_sent - sent_before,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                        "upstream": str(generation.config.upstream),
-                    }
-                },
-            )
-            if exchange.h11.our_state is h11.MUST_CLOSE or exchange.h11.their_state in (
-                h11.MUST_CLOSE,
-                h11.CLOSED,
-            ):
-                return
-            try:
-                exchange.h11.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
-    finally:
+        await exchange.send_error(broken.status)
+        return broken.status, where
+    except BaseException:
         if upstream is not None:
             with trio.CancelScope(shield=True):
                 await upstream.aclose()
+        raise
+    await pool.release(upstream)
+    return status, where
+
+
+def _access(
+    exchange: _Exchange,
+    request: h11.Request | None,
+    status: int,
+    sent_before: int,
+    started: float,
+    where: str,
+) -> None:
+    access_log.info(
+        "request",
+        extra={
+            "fields": {
+                "client": exchange.client.address,
+                "sni": exchange.client.server_name,
+                "tls_version": exchange.tls_info.version,
+                "method": request.method.decode("ascii", "replace") if request else "-",
+                "path": request.target.decode("ascii", "replace") if request else "-",
+                "status": status,
+                "bytes_sent": exchange.bytes_sent - sent_before,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "upstream": where,
+            }
+        },
+    )
+
+
+async def _serve_http(exchange: _Exchange, generation: Generation, state: ServerState) -> None:
+    routing = state.routing(generation.config)
+    draining: Callable[[], bool] = lambda: state.draining  # noqa: E731
+    first = True
+    while True:
+        started = time.perf_counter()
+        try:
+            request = await exchange.read_request(state, first)
+        except (_Reject, h11.RemoteProtocolError) as refused:
+            # Refused before a request was parsed: still one access line, without a path.
+            status = refused.status if isinstance(refused, _Reject) else error_status_for(refused)
+            sent_before = exchange.bytes_sent
+            await exchange.send_error(status)
+            _access(exchange, None, status, sent_before, started, "-")
+            return
+        if request is None:
+            return
+        first = False
+        started = time.perf_counter()
+        sent_before = exchange.bytes_sent
+        where = "-"
+        try:
+            status, where = await _forward(exchange, request, routing, draining)
+        except _Reject as reject:
+            status = reject.status
+            await exchange.send_error(status)
+        except h11.RemoteProtocolError as exc:
+            # The request body broke framing (bad chunk size, ...): never forwarded whole.
+            status = error_status_for(exc)
+            await exchange.send_error(status)
+        _access(exchange, request, status, sent_before, started, where)
+        if exchange.linger or status == 101 or state.draining:
+            return
+        if exchange.h11.our_state is h11.MUST_CLOSE or exchange.h11.their_state in (
+            h11.MUST_CLOSE,
+            h11.CLOSED,
+        ):
+            return
+        try:
+            exchange.h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            return
 
 
 async def handle_connection(state: ServerState, stream: trio.SocketStream) -> None:
@@ -253,6 +525,7 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
         state.sign_limiter,
         on_server_name=lambda name: context.__setitem__("sni", name),
     )
+    linger = abort = False
     try:
         try:
             with trio.fail_after(generation.config.tls.handshake_timeout):
@@ -262,11 +535,17 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
             return
         except TLSError as exc:
             log.info(str(exc), extra={"fields": context})
+            linger = True  # the alert is out: let the client read it
             return
         finally:
             state.holder.release(generation)
-        exchange = _Exchange(tls, ClientInfo(peer, info.server_name), info)
-        await _serve_http(exchange, generation)
+        http = generation.config.http
+        client = ClientInfo(peer, info.server_name, forwarded=http.forwarded)
+        exchange = _Exchange(tls, client, info, http)
+        try:
+            await _serve_http(exchange, generation, state)
+        finally:
+            linger, abort = exchange.linger, exchange.abort
     except _ClientGone:
         pass
     except Exception:
@@ -274,8 +553,55 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
     finally:
         with trio.move_on_after(_CLOSE_GRACE_SECONDS) as scope:
             scope.shield = True
+            if linger:
+                tls.transport = _LingeringClose(stream)
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await tls.aclose()
+                if abort:
+                    await tls.transport.aclose()
+                else:
+                    await tls.aclose()
+        if scope.cancelled_caught:
+            await stream.aclose()
+
+
+async def _accept(
+    listener: trio.SocketListener,
+    connections: trio.Nursery,
+    state: ServerState,
+    slots: trio.Semaphore,
+) -> None:
+    """Accept while fewer than ``http.max_connections`` are open; beyond, new connections
+    wait in the kernel's backlog. Running out of file descriptors pauses accepting."""
+
+    async def run(stream: trio.SocketStream) -> None:
+        try:
+            await handle_connection(state, stream)
+        finally:
+            slots.release()
+
+    while True:
+        await slots.acquire()
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            slots.release()
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            log.warning(f"cannot accept a connection now: {exc.strerror}; retrying")
+            await trio.sleep(0.1)
+            continue
+        except BaseException:
+            slots.release()
+            raise
+        connections.start_soon(run, stream)
+
+
+async def _sweep_pools(state: ServerState) -> None:
+    """Close idle upstream connections past ``http.pool_idle_timeout``."""
+    while True:
+        await trio.sleep(1.0)
+        for pool in list(state.pools.values()):
+            pool.sweep()
 
 
 async def serve(
@@ -285,8 +611,10 @@ async def serve(
     handle_signals: bool = True,
     tasks: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> None:
-    """Serve until SIGINT/SIGTERM (or cancellation); ``tasks`` run beside (the reloader)."""
+    """Serve until SIGINT/SIGTERM (then drain, see the module docstring) or cancellation;
+    ``tasks`` run beside the listeners (the reloader)."""
     state = ServerState(holder, trio.CapacityLimiter(holder.current.token.pool_size))
+    http = holder.current.config.http
     try:
         listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
     except OSError as exc:
@@ -295,16 +623,54 @@ async def serve(
     for listener in listeners:
         host, port = listener.socket.getsockname()[:2]
         bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            partial(trio.serve_listeners, partial(handle_connection, state), listeners)
-        )
-        for task in tasks:
-            nursery.start_soon(task)
-        on_ready(bound)
-        if handle_signals:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info(f"received {signal.Signals(signum).name}, stopping")
-                    nursery.cancel_scope.cancel()
-                    break
+    slots = trio.Semaphore(http.max_connections)
+    signals = (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+        if handle_signals
+        else nullcontext(None)
+    )
+    try:
+        with signals as received:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(partial(_accept, listener, connections, state, slots))
+                    accepting.start_soon(_sweep_pools, state)
+                    for task in tasks:
+                        accepting.start_soon(task)
+                    on_ready(bound)
+                    if received is not None:
+                        async for signum in received:
+                            log.info(
+                                f"received {signal.Signals(signum).name}: stopping; in-flight "
+                                f"requests get {http.shutdown_grace:g}s"
+                            )
+                            break
+                        accepting.cancel_scope.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                state.drain()
+                connections.cancel_scope.deadline = trio.current_time() + http.shutdown_grace
+                helpers = 1
+                if received is not None:
+                    connections.start_soon(_second_signal, received, connections.cancel_scope)
+                    helpers = 2
+                connections.start_soon(_stop_when_idle, connections, helpers)
+    finally:
+        for pool in state.pools.values():
+            pool.close()
+
+
+async def _second_signal(received: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _ in received:
+        log.info("second signal: stopping now")
+        scope.cancel()
+        return
+
+
+async def _stop_when_idle(connections: trio.Nursery, helpers: int) -> None:
+    """End the drain as soon as the last connection is gone (the signal task would keep
+    the nursery open otherwise); ``helpers`` counts this task and the signal task."""
+    while len(connections.child_tasks) > helpers:
+        await trio.sleep(0.05)
+    connections.cancel_scope.cancel()

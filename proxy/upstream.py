@@ -1,21 +1,43 @@
-"""Connections to upstream backends: plaintext HTTP/1.1 over TCP, driven by h11.
+"""Connections to upstream backends: plaintext HTTP/1.1 over TCP, driven by h11, and a
+keep-alive pool per upstream group.
 
 Theory of operation. An :class:`UpstreamConnection` is one TCP stream to a backend and the
-``h11.Connection(CLIENT)`` that speaks on it. It can carry several requests in turn while
-both sides keep it alive (``reusable``). Connect and read timeouts turn into
-:class:`UpstreamError` with a ``status`` the server sends to the client: 502 when the
-backend cannot be reached or breaks the protocol, 504 when it is too slow.
+``h11.Connection(CLIENT)`` that speaks on it. It carries one request at a time and, while
+both sides keep it alive, goes back to its :class:`UpstreamPool` between requests.
+
+A pool belongs to one upstream group (config ``[upstreams.NAME]`` or the top-level
+``upstream``). :meth:`UpstreamPool.acquire` hands out the most recently used idle
+connection that is neither expired (``http.pool_idle_timeout``) nor readable (an idle
+keep-alive connection that became readable was closed by the backend, or is talking out of
+turn: either way it is not reused), else connects a new one. An address that cannot be
+connected to is skipped for ``http.down_time`` seconds and the next one is tried, so one
+dead backend costs one failed connect, not one per request. :meth:`UpstreamPool.release`
+keeps at most ``http.pool_size`` idle connections per address and closes the rest, and
+never keeps one that holds bytes beyond the response (a backend that sent a body with a
+304, say: those bytes would be read as the next response). The server's sweeper calls
+:meth:`UpstreamPool.sweep` to close expired idle connections nobody asked for.
+
+Timeouts turn into :class:`UpstreamFailure` with the ``status`` the server sends to the
+client: 502 when the backend cannot be reached or breaks the protocol, 504 when it is too
+slow. ``sent_nothing`` on a failure tells the server whether any byte of the request left
+(only then may it retry on a fresh connection without risking a duplicate).
 
 This module and server.py are the only ones that await on sockets.
 """
 
 from __future__ import annotations
 
+import select
+import time
+from collections import deque
+from contextlib import suppress
+
 import h11
 import trio
 
-from proxy.config import UpstreamConfig
+from proxy.config import HTTPConfig, UpstreamConfig, UpstreamGroup
 from proxy.errors import UpstreamError
+from proxy.logs import log
 
 _RECEIVE_SIZE = 65536
 
@@ -23,72 +45,228 @@ _RECEIVE_SIZE = 65536
 class UpstreamFailure(UpstreamError):
     """An upstream error with the HTTP status the client should get for it."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, sent_nothing: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.sent_nothing = sent_nothing
 
 
 class UpstreamConnection:
     """One keep-alive capable HTTP/1.1 connection to an upstream."""
 
-    def __init__(self, config: UpstreamConfig, stream: trio.SocketStream) -> None:
+    def __init__(
+        self, config: UpstreamConfig, stream: trio.SocketStream, read_timeout: float = 60.0
+    ) -> None:
         self.config = config
-        self._stream = stream
-        self._h11 = h11.Connection(h11.CLIENT)
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.read_timeout = read_timeout
         self.bytes_received = 0
+        self.bytes_sent = 0
+        self.requests = 0
+        self.idle_since = 0.0
 
     @classmethod
-    async def connect(cls, config: UpstreamConfig) -> UpstreamConnection:
+    async def connect(
+        cls, config: UpstreamConfig, connect_timeout: float = 5.0, read_timeout: float = 60.0
+    ) -> UpstreamConnection:
         try:
-            with trio.fail_after(config.connect_timeout):
+            with trio.fail_after(connect_timeout):
                 stream = await trio.open_tcp_stream(config.host, config.port)
         except trio.TooSlowError:
             raise UpstreamFailure(
-                f"connecting to upstream {config} timed out after {config.connect_timeout:g}s", 504
+                f"connecting to upstream {config} timed out after {connect_timeout:g}s",
+                504,
+                sent_nothing=True,
             ) from None
         except OSError as exc:
             raise UpstreamFailure(
-                f"cannot connect to upstream {config}: {exc.strerror or exc}", 502
+                f"cannot connect to upstream {config}: {exc.strerror or exc}",
+                502,
+                sent_nothing=True,
             ) from None
-        return cls(config, stream)
+        return cls(config, stream, read_timeout)
 
     @property
     def reusable(self) -> bool:
-        return self._h11.our_state is h11.IDLE and self._h11.their_state is h11.IDLE
+        return self.h11.our_state is h11.IDLE and self.h11.their_state is h11.IDLE
 
-    async def send(self, event: h11.Event) -> None:
-        data = self._h11.send(event)
+    @property
+    def exchange_complete(self) -> bool:
+        """Both sides finished one request/response and the connection may carry another."""
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    def looks_closed(self) -> bool:
+        """An idle connection that is readable was closed by the backend (or misbehaves)."""
+        try:
+            readable, _, _ = select.select([self.stream.socket.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    async def send_data(self, data: bytes) -> None:
         if data:
             try:
-                await self._stream.send_all(data)
+                with trio.fail_after(self.read_timeout):
+                    await self.stream.send_all(data)
+            except trio.TooSlowError:
+                raise UpstreamFailure(
+                    f"upstream {self.config} took nothing for {self.read_timeout:g}s", 504
+                ) from None
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise UpstreamFailure(f"upstream {self.config} closed the connection", 502) from exc
+                raise UpstreamFailure(
+                    f"upstream {self.config} closed the connection",
+                    502,
+                    sent_nothing=self.bytes_sent == 0,
+                ) from exc
+            self.bytes_sent += len(data)
+
+    async def send(self, *events: h11.Event) -> None:
+        if len(events) == 1:
+            data = self.h11.send(events[0]) or b""
+        else:
+            data = b"".join(self.h11.send(event) or b"" for event in events)
+        await self.send_data(data)
+
+    def next_event_nowait(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next event h11 can produce from bytes already received (no I/O)."""
+        try:
+            return self.h11.next_event()  # type: ignore[return-value]
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamFailure(f"upstream {self.config} broke HTTP/1.1: {exc}", 502) from None
+
+    async def receive(self) -> bytes:
+        """Raw bytes from the upstream within the read timeout (b"" at its end)."""
+        try:
+            with trio.fail_after(self.read_timeout):
+                data = await self.stream.receive_some(_RECEIVE_SIZE)
+        except trio.TooSlowError:
+            raise UpstreamFailure(
+                f"upstream {self.config} sent nothing for {self.read_timeout:g}s", 504
+            ) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise UpstreamFailure(f"upstream {self.config} reset the connection", 502) from exc
+        self.bytes_received += len(data)
+        return data
 
     async def next_event(self) -> h11.Event:
         """The next event from the upstream, reading as needed, within the read timeout."""
         while True:
-            try:
-                event = self._h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise UpstreamFailure(
-                    f"upstream {self.config} broke HTTP/1.1: {exc}", 502
-                ) from None
+            event = self.next_event_nowait()
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
-            try:
-                with trio.fail_after(self.config.read_timeout):
-                    data = await self._stream.receive_some(_RECEIVE_SIZE)
-            except trio.TooSlowError:
-                raise UpstreamFailure(
-                    f"upstream {self.config} sent nothing for {self.config.read_timeout:g}s", 504
-                ) from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise UpstreamFailure(f"upstream {self.config} reset the connection", 502) from exc
-            self.bytes_received += len(data)
-            self._h11.receive_data(data)
+            self.h11.receive_data(await self.receive())
 
     def start_next_cycle(self) -> None:
-        self._h11.start_next_cycle()
+        self.h11.start_next_cycle()
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        await self.stream.aclose()
+
+
+class UpstreamPool:
+    """Keep-alive connections and address selection for one upstream group."""
+
+    def __init__(self, group: UpstreamGroup, http: HTTPConfig) -> None:
+        self.group = group
+        self.http = http
+        self._idle: dict[UpstreamConfig, deque[UpstreamConnection]] = {
+            server: deque() for server in group.servers
+        }
+        self._next = 0
+        self._down_until: dict[UpstreamConfig, float] = {}
+        self.connections_opened = 0
+
+    @property
+    def idle_count(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    def _take_idle(self, server: UpstreamConfig) -> UpstreamConnection | None:
+        idle = self._idle[server]
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()  # most recently used: the least likely to be stale
+            if now - connection.idle_since < self.http.pool_idle_timeout and not (
+                connection.looks_closed()
+            ):
+                return connection
+            connection.stream.socket.close()
+        return None
+
+    def _candidates(self) -> list[UpstreamConfig]:
+        """The group's addresses in round-robin order, those marked down left out (unless
+        all are: then all are tried rather than failing without trying)."""
+        servers = self.group.servers
+        if len(servers) == 1:
+            return [servers[0]]
+        start = self._next % len(servers)
+        self._next += 1
+        ordered = list(servers[start:] + servers[:start])
+        now = time.monotonic()
+        up = [server for server in ordered if self._down_until.get(server, 0.0) <= now]
+        return up or ordered
+
+    async def _connect(self, candidates: list[UpstreamConfig]) -> UpstreamConnection:
+        failure: UpstreamFailure | None = None
+        for server in candidates:
+            try:
+                connection = await UpstreamConnection.connect(
+                    server, self.http.connect_timeout, self.http.read_timeout
+                )
+            except UpstreamFailure as exc:
+                self._down_until[server] = time.monotonic() + self.http.down_time
+                log.warning(
+                    f"{exc}; skipping {server} for {self.http.down_time:g}s",
+                    extra={"fields": {"event": "upstream_down", "upstream": str(server)}},
+                )
+                failure = exc
+                continue
+            self._down_until.pop(server, None)
+            self.connections_opened += 1
+            return connection
+        assert failure is not None
+        raise failure
+
+    async def connect(self) -> UpstreamConnection:
+        """A new connection to the next address that accepts one."""
+        return await self._connect(self._candidates())
+
+    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+        """A connection for one request, and whether it was reused from the pool: requests
+        go round-robin over the addresses, each address with its own idle connections."""
+        candidates = self._candidates()
+        connection = self._take_idle(candidates[0])
+        if connection is not None:
+            return connection, True
+        return await self._connect(candidates), False
+
+    async def release(self, connection: UpstreamConnection) -> None:
+        """Return a connection after a complete exchange; keep it if it can be reused."""
+        if connection.exchange_complete:
+            with suppress(h11.LocalProtocolError):
+                connection.start_next_cycle()
+        idle = self._idle.get(connection.config)
+        if (
+            connection.reusable
+            and idle is not None
+            and len(idle) < self.http.pool_size
+            and not connection.h11.trailing_data[0]
+        ):
+            connection.bytes_sent = connection.bytes_received = 0  # they count one exchange
+            connection.idle_since = time.monotonic()
+            connection.requests += 1
+            idle.append(connection)
+            return
+        await connection.aclose()
+
+    def sweep(self) -> None:
+        """Close idle connections past their idle timeout."""
+        now = time.monotonic()
+        for idle in self._idle.values():
+            while idle and now - idle[0].idle_since >= self.http.pool_idle_timeout:
+                idle.popleft().stream.socket.close()
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                idle.popleft().stream.socket.close()

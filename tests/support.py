@@ -220,6 +220,7 @@ def write_config(
     key_uri: str | None = None,
     pin_file: Path | None = None,
     extra_tls: str = "",
+    extra: str = "",
 ) -> Path:
     chain = directory / f"chain-{key}.pem"
     chain.write_bytes(issue_chain(ca, hsm.public_keys[certificate_for or key]))
@@ -235,6 +236,7 @@ def write_config(
         f'certificate = "{chain}"\n'
         f'key = "{key_uri or hsm.uri(key)}"\n'
         f"{extra_tls}"
+        f"{extra}"
     )
     return config
 
