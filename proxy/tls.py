@@ -281,6 +281,7 @@ class TLSStream(trio.abc.Stream):
                 await self._flush()
                 return b""
             except SSL.Error as error:
+                await self._send_alert()
                 raise trio.BrokenResourceError(f"TLS error: {_describe_ssl_error(error)}") from None
             else:
                 wants_more = False
@@ -300,7 +301,13 @@ class TLSStream(trio.abc.Stream):
             try:
                 self._connection.sendall(view[start : start + _SEND_CHUNK])  # type: ignore[arg-type]
             except SSL.Error as error:
+                await self._send_alert()
                 raise trio.BrokenResourceError(f"TLS error: {_describe_ssl_error(error)}") from None
+            await self._flush()
+
+    async def _send_alert(self) -> None:
+        """Best effort: send the alert OpenSSL queued for the error, so the peer learns why."""
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._flush()
 
     async def wait_send_all_might_not_block(self) -> None:

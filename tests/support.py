@@ -148,7 +148,7 @@ class RecordingUpstream:
                 self.send_header("Connection", "keep-alive")
                 self.send_header("Keep-Alive", "timeout=5")
                 self.end_headers()
-                if self.command != "HEAD":
+                if self.command != "HEAD" and status not in (204, 304):
                     self.wfile.write(payload)
 
             def _read_chunked(self) -> bytes:
