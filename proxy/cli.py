@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         "--listen", default="localhost:8443", help="HOST:PORT (default localhost:8443)"
     )
     dev.add_argument(
+        "--module",
+        default=None,
+        help="PKCS#11 module to load instead of SoftHSM2, for example one that forwards to "
+        "the dev token and adds delays or faults (tests/faulthsm)",
+    )
+    dev.add_argument(
         "--upstream",
         default=None,
         help="http://HOST:PORT to forward to (default: a built-in demo upstream)",
@@ -81,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, required=True)
     run.add_argument(
         "--pid-file", type=Path, default=None, help="write the process id here (for reload)"
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the listen address (SO_REUSEPORT), each with its own "
+        "token sessions; a worker that dies is replaced (default 1: serve in this process)",
     )
 
     reload = commands.add_parser(
@@ -120,6 +133,15 @@ def _serve(
         f"({'never extractable' if generation.key.info.never_extractable else 'EXTRACTABLE'}), "
         f"{generation.token.pool_size} sessions"
     )
+    for key in [generation.key, *(site.key for site in generation.sites)]:
+        custody = key.info.custody_problems()
+        if not custody:
+            continue
+        log.warning(
+            f"key {key.info.describe()} is {' and '.join(custody)}: its value "
+            'could leave the token (set token.key_custody = "refuse" to refuse such keys)',
+            extra={"fields": {"event": "key_custody"}},
+        )
     holder = GenerationHolder(generation)
     status_file = _status_file(pid_file) if pid_file is not None else None
 
@@ -172,7 +194,20 @@ def _write_status(path: Path, reloader: Reloader, result: ReloadResult) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     path: Path = args.config
-    return _serve(load_config(path), None, lambda: load_config(path), args.pid_file)
+    config = load_config(path)
+    if args.workers == 1:
+        return _serve(config, None, lambda: load_config(path), args.pid_file)
+    from proxy.errors import ConfigError
+    from proxy.workers import Supervisor, worker_command
+
+    if args.pid_file is not None:
+        raise ConfigError(
+            "--pid-file is for one process; with --workers, send SIGHUP to the supervisor "
+            "(it passes it on to every worker) to reload"
+        )
+    # The supervisor never loads the PKCS#11 module: each spawned worker does (workers.py).
+    command = worker_command(path.resolve(), args.log_level, args.log_format)
+    return Supervisor(command, args.workers, config.listen).run()
 
 
 def _reload(args: argparse.Namespace) -> int:
@@ -234,10 +269,17 @@ def _dev(args: argparse.Namespace) -> int:
     upstream_url = args.upstream or start_demo_upstream()
     upstream = parse_upstream(upstream_url, "--upstream")
     state = prepare_dev_state(state_dir)
+    module = state.module
+    if args.module:
+        from proxy.token import unload_module
+
+        # The other module forwards to SoftHSM2 in this process: let it initialise it anew.
+        unload_module(state.module)
+        module = str(Path(args.module).resolve())
     config = ProxyConfig(
         listen=listen,
         upstream=upstream,
-        token=TokenConfig(module=state.module, pin=state.pin),
+        token=TokenConfig(module=module, pin=state.pin),
         tls=TLSConfig(certificate=state.certificate, key=state.key_uri),
         source="hsm-proxy dev",
     )
@@ -248,6 +290,7 @@ def _dev(args: argparse.Namespace) -> int:
         return [
             f"hsm-proxy dev: state directory {state.directory}",
             f"  token:    {state.key_uri}",
+            f"  module:   {module}",
             f"  SoftHSM2: SOFTHSM2_CONF={state.directory / 'softhsm2.conf'}",
             f"  CA:       {state.ca}",
             f"  upstream: {upstream}{'' if args.upstream else ' (built-in demo)'}",
@@ -285,6 +328,10 @@ def _check(args: argparse.Namespace) -> int:
                 f"{generation.chain.not_after():%Y-%m-%d}",
             ),
             ("match", "certificate key == token key, test signature verified"),
+            (
+                "mechanisms",
+                ", ".join(sorted(m.value for m in generation.token.mechanisms)) or "none",
+            ),
         ]
         for site in generation.sites:
             rows.append(

@@ -15,6 +15,8 @@ Example (the README documents every key)::
     module = "/usr/lib/softhsm/libsofthsm2.so"
     pin_file = "/run/secrets/hsm-pin"        # or: pin_env = "HSM_PROXY_PIN"
     sessions = 4
+    queue_limit = 256                         # handshakes that may wait for a session
+    key_custody = "warn"                      # or "refuse" an extractable/non-sensitive key
 
     [tls]
     certificate = "/etc/hsm-proxy/chain.pem"  # leaf first, then intermediates
@@ -77,6 +79,8 @@ class TokenConfig:
     module: str
     pin: PinSource
     sessions: int = 4
+    queue_limit: int = 256  # handshakes waiting for a session beyond this are refused
+    key_custody: str = "warn"  # "warn" or "refuse" an extractable or non-sensitive key
 
 
 @dataclass(frozen=True)
@@ -270,6 +274,12 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
     sessions = token_table.take("sessions", int, 4)
     if not 1 <= sessions <= 256:
         raise ConfigError(f"token.sessions: must be from 1 to 256, got {sessions}")
+    queue_limit = token_table.take("queue_limit", int, 256)
+    if not 0 <= queue_limit <= 100_000:
+        raise ConfigError(f"token.queue_limit: must be from 0 to 100000, got {queue_limit}")
+    key_custody = token_table.take("key_custody", str, "warn")
+    if key_custody not in ("warn", "refuse"):
+        raise ConfigError(f'token.key_custody: must be "warn" or "refuse", got {key_custody!r}')
     token_table.finish()
     if pin_file:
         pin = PinSource(file=_path(pin_file, base))
@@ -327,7 +337,13 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
     return ProxyConfig(
         listen=listen,
         upstream=upstream,
-        token=TokenConfig(module=str(_path(module, base)), pin=pin, sessions=sessions),
+        token=TokenConfig(
+            module=str(_path(module, base)),
+            pin=pin,
+            sessions=sessions,
+            queue_limit=queue_limit,
+            key_custody=key_custody,
+        ),
         tls=TLSConfig(
             certificate=_path(certificate_text, base) if certificate_text else None,
             key=key,

@@ -53,6 +53,10 @@ class SigningError(TokenError):
     """The token failed to produce a signature."""
 
 
+class KeyCustodyError(TokenError):
+    """The key could leave the token (extractable, or not sensitive) and policy refuses it."""
+
+
 class KeyURIError(ConfigError):
     """A PKCS#11 URI (RFC 7512) is malformed or not usable as a key reference."""
 

@@ -12,6 +12,10 @@ and the callback asks the token to sign:
   (padding 1, CKM_RSA_PKCS) or an already PSS-padded block to be raised to the private
   exponent (padding 3, no padding, CKM_RSA_X_509). The result must be exactly the modulus
   size; anything else is refused, never padded or cut.
+* RSA-PSS on a token without CKM_RSA_X_509: a replacement EVP_PKEY_METHOD for RSA catches
+  the signature one level up, where the digest is still known, and the token signs it with
+  CKM_RSA_PKCS_PSS (see ``_rsa_pkey_sign``). :func:`token_limits` narrows versions and
+  signature algorithms when the token can do neither.
 
 The callbacks run in whatever thread calls into OpenSSL (a worker thread during a
 handshake). They never raise into C: a failure is remembered per thread, the callback
@@ -25,6 +29,7 @@ objects that both see. Only this module and ``tls.py`` touch OpenSSL.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import Sequence
@@ -33,7 +38,7 @@ from typing import Any, Protocol
 import cffi
 
 from proxy.errors import SystemOpenSSLError, TLSError
-from proxy.token import KeyInfo, Mechanism
+from proxy.token import KeyInfo, Mechanism, PSSParams
 
 _ffi = cffi.FFI()
 _ffi.cdef(
@@ -82,6 +87,24 @@ void EC_KEY_free(EC_KEY *key);
 void RSA_free(RSA *rsa);
 
 X509 *d2i_X509(X509 **a, const unsigned char **in, long len);
+
+typedef struct evp_pkey_method_st EVP_PKEY_METHOD; typedef struct evp_pkey_ctx_st EVP_PKEY_CTX;
+typedef struct evp_md_st EVP_MD;
+const EVP_PKEY_METHOD *EVP_PKEY_meth_find(int type);
+EVP_PKEY_METHOD *EVP_PKEY_meth_new(int id, int flags);
+void EVP_PKEY_meth_copy(EVP_PKEY_METHOD *dst, const EVP_PKEY_METHOD *src);
+void EVP_PKEY_meth_get_sign(const EVP_PKEY_METHOD *pmeth, void **psign_init, void **psign);
+void EVP_PKEY_meth_set_sign(EVP_PKEY_METHOD *pmeth, void *sign_init,
+    int (*sign)(EVP_PKEY_CTX *, unsigned char *, size_t *, const unsigned char *, size_t));
+int EVP_PKEY_meth_add0(const EVP_PKEY_METHOD *pmeth);
+EVP_PKEY *EVP_PKEY_CTX_get0_pkey(EVP_PKEY_CTX *ctx);
+int EVP_PKEY_CTX_get_rsa_padding(EVP_PKEY_CTX *ctx, int *pad_mode);
+int EVP_PKEY_CTX_get_signature_md(EVP_PKEY_CTX *ctx, const EVP_MD **pmd);
+int EVP_PKEY_CTX_get_rsa_pss_saltlen(EVP_PKEY_CTX *ctx, int *saltlen);
+int EVP_PKEY_CTX_get_rsa_mgf1_md(EVP_PKEY_CTX *ctx, const EVP_MD **md);
+int EVP_MD_get_type(const EVP_MD *md);
+const RSA *EVP_PKEY_get0_RSA(const EVP_PKEY *pkey);
+int RSA_bits(const RSA *rsa);
 void X509_free(X509 *a);
 EVP_PKEY *X509_get_pubkey(X509 *x);
 """
@@ -102,6 +125,8 @@ _libssl: Any = _ffi.dlopen("libssl.so.3")
 _EVP_PKEY_RSA = 6
 _EVP_PKEY_EC = 408
 _SSL_CTRL_CHAIN_CERT = 89
+_SSL_CTRL_SET_SIGALGS_LIST = 98
+_SSL_CTRL_SET_MAX_PROTO_VERSION = 124
 _RSA_PKCS1_PADDING = 1
 _RSA_NO_PADDING = 3
 _ECDSA_HALF = {"P-256": 32, "P-384": 48}
@@ -113,18 +138,33 @@ class KeySigner(Protocol):
     @property
     def info(self) -> KeyInfo: ...
 
-    def sign(self, mechanism: Mechanism, data: bytes) -> bytes: ...
+    @property
+    def mechanisms(self) -> frozenset[Mechanism]: ...
+
+    def sign(self, mechanism: Mechanism, data: bytes, pss: PSSParams | None = None) -> bytes: ...
 
 
 # Live bridged keys by the address of their EC_KEY / RSA. Entries leave when OpenSSL frees
 # the key (the methods' finish callbacks), so a dropped SSL context releases its token key.
 _signers: dict[int, KeySigner] = {}
 _signers_lock = threading.Lock()
+_log = logging.getLogger("hsm_proxy.tls")
 _last_error = threading.local()
 
 
 def _remember_failure(message: str) -> None:
     _last_error.message = message
+
+
+def _token_signed() -> None:
+    _last_error.signed = True
+
+
+def pop_signed() -> bool:
+    """Whether the token signed in this thread since the last call (once)."""
+    signed: bool = getattr(_last_error, "signed", False)
+    _last_error.signed = False
+    return signed
 
 
 def pop_signing_error() -> str | None:
@@ -160,6 +200,7 @@ def _ec_sign_sig(digest: Any, digest_length: int, _kinv: Any, _r: Any, ec_key: A
         return _ffi.NULL
     try:
         raw = signer.sign(Mechanism.ECDSA, bytes(_ffi.buffer(digest, digest_length)))
+        _token_signed()
     except Exception as exc:
         _remember_failure(str(exc))
         return _ffi.NULL
@@ -199,6 +240,7 @@ def _rsa_priv_enc(length: int, source: Any, target: Any, rsa: Any, padding: int)
         return -1
     try:
         raw = signer.sign(mechanism, bytes(_ffi.buffer(source, length)))
+        _token_signed()
     except Exception as exc:
         _remember_failure(str(exc))
         return -1
@@ -210,6 +252,130 @@ def _rsa_priv_enc(length: int, source: Any, target: Any, rsa: Any, padding: int)
         return -1
     _ffi.memmove(target, raw, expected)
     return expected
+
+
+# RSA-PSS through CKM_RSA_PKCS_PSS. The RSA_METHOD above only ever sees an already
+# PSS-encoded block (padding 3), from which the token cannot recover the digest that
+# CKM_RSA_PKCS_PSS wants. One level up, OpenSSL 3.0 and 3.5 still route every operation on
+# a "foreign" legacy key (one with a custom RSA_METHOD, as ours) through the legacy
+# EVP_PKEY_METHOD of its type, which an application may replace (EVP_PKEY_meth_add0). Ours
+# is a copy of OpenSSL's RSA method whose sign, for a bridged key with PSS padding whose
+# token lacks CKM_RSA_X_509, reads the digest, hash and salt length and has the token
+# sign with CKM_RSA_PKCS_PSS; every other case goes to OpenSSL's own sign.
+_RSA_PKCS1_PSS_PADDING = 6
+_RSA_PSS_SALTLEN_DIGEST = -1
+_RSA_PSS_SALTLEN_MAX = (-2, -3)  # AUTO and MAX both sign with the largest salt
+_EVP_PKEY_FLAG_AUTOARGLEN = 2
+_PSS_HASH_BY_NID = {672: ("SHA256", 32), 673: ("SHA384", 48), 674: ("SHA512", 64)}
+
+
+def _pss_through_token(signer: KeySigner) -> bool:
+    return (
+        Mechanism.RSA_X_509 not in signer.mechanisms and Mechanism.RSA_PKCS_PSS in signer.mechanisms
+    )
+
+
+def _pss_parameters(context: Any, digest_length: int, rsa: Any) -> PSSParams:
+    md = _ffi.new("const EVP_MD **")
+    mgf1 = _ffi.new("const EVP_MD **")
+    salt = _ffi.new("int *")
+    if (
+        _libcrypto.EVP_PKEY_CTX_get_signature_md(context, md) <= 0
+        or _libcrypto.EVP_PKEY_CTX_get_rsa_mgf1_md(context, mgf1) <= 0
+        or _libcrypto.EVP_PKEY_CTX_get_rsa_pss_saltlen(context, salt) <= 0
+        or md[0] == _ffi.NULL
+    ):
+        raise TLSError(f"cannot read the RSA-PSS parameters: {_openssl_errors()}")
+    nid = _libcrypto.EVP_MD_get_type(md[0])
+    if nid not in _PSS_HASH_BY_NID:
+        raise TLSError(f"RSA-PSS with digest NID {nid} is not bridged (SHA-256/384/512 are)")
+    if mgf1[0] != _ffi.NULL and _libcrypto.EVP_MD_get_type(mgf1[0]) != nid:
+        raise TLSError("RSA-PSS with an MGF1 hash other than the message hash is not bridged")
+    name, size = _PSS_HASH_BY_NID[nid]
+    if digest_length != size:
+        raise TLSError(f"RSA-PSS got a {digest_length}-byte digest for {name}")
+    if salt[0] == _RSA_PSS_SALTLEN_DIGEST:
+        salt_length = size
+    elif salt[0] in _RSA_PSS_SALTLEN_MAX:
+        salt_length = (_libcrypto.RSA_bits(rsa) - 1 + 7) // 8 - size - 2
+    elif salt[0] >= 0:
+        salt_length = salt[0]
+    else:
+        raise TLSError(f"RSA-PSS salt length mode {salt[0]} is not bridged")
+    return PSSParams(hash=name, salt_length=salt_length)
+
+
+def _original_rsa_sign() -> Any:
+    sign_init = _ffi.new("void **")
+    sign = _ffi.new("void **")
+    _libcrypto.EVP_PKEY_meth_get_sign(_libcrypto.EVP_PKEY_meth_find(_EVP_PKEY_RSA), sign_init, sign)
+    return sign_init[0], _ffi.cast(
+        "int(*)(EVP_PKEY_CTX *, unsigned char *, size_t *, const unsigned char *, size_t)",
+        sign[0],
+    )
+
+
+_RSA_SIGN_INIT, _RSA_SIGN = _original_rsa_sign()
+
+
+def _pss_sign_failed(exc: BaseException, *_rest: Any) -> None:
+    _remember_failure(f"internal error in key bridge (RSA-PSS): {exc!r}")
+
+
+@_ffi.callback(
+    "int(EVP_PKEY_CTX *, unsigned char *, size_t *, const unsigned char *, size_t)",
+    onerror=_pss_sign_failed,
+)
+def _rsa_pkey_sign(
+    context: Any, signature: Any, signature_length: Any, digest: Any, digest_length: int
+) -> int:
+    pkey = _libcrypto.EVP_PKEY_CTX_get0_pkey(context)
+    rsa = _libcrypto.EVP_PKEY_get0_RSA(pkey) if pkey != _ffi.NULL else _ffi.NULL
+    signer = _signer_for(rsa) if rsa != _ffi.NULL else None
+    padding = _ffi.new("int *")
+    if (
+        signer is None
+        or not _pss_through_token(signer)
+        or _libcrypto.EVP_PKEY_CTX_get_rsa_padding(context, padding) <= 0
+        or padding[0] != _RSA_PKCS1_PSS_PADDING
+    ):
+        result: int = _RSA_SIGN(context, signature, signature_length, digest, digest_length)
+        return result
+    expected = _libcrypto.RSA_size(rsa)
+    if signature == _ffi.NULL:
+        signature_length[0] = expected
+        return 1
+    if signature_length[0] < expected:
+        _remember_failure(f"OpenSSL gave a {signature_length[0]}-byte buffer for an RSA signature")
+        return -1
+    try:
+        parameters = _pss_parameters(context, digest_length, rsa)
+        raw = signer.sign(
+            Mechanism.RSA_PKCS_PSS, bytes(_ffi.buffer(digest, digest_length)), parameters
+        )
+        _token_signed()
+    except Exception as exc:
+        _remember_failure(str(exc))
+        return -1
+    if len(raw) != expected:
+        _remember_failure(
+            f"token returned a {len(raw)}-byte RSA-PSS signature; expected exactly {expected}"
+        )
+        return -1
+    _ffi.memmove(signature, raw, expected)
+    signature_length[0] = expected
+    return 1
+
+
+def _install_rsa_pkey_method() -> Any:
+    method = _libcrypto.EVP_PKEY_meth_new(_EVP_PKEY_RSA, _EVP_PKEY_FLAG_AUTOARGLEN)
+    if method == _ffi.NULL:
+        raise SystemOpenSSLError("EVP_PKEY_meth_new failed: the RSA-PSS bridge is unavailable")
+    _libcrypto.EVP_PKEY_meth_copy(method, _libcrypto.EVP_PKEY_meth_find(_EVP_PKEY_RSA))
+    _libcrypto.EVP_PKEY_meth_set_sign(method, _RSA_SIGN_INIT, _rsa_pkey_sign)
+    if _libcrypto.EVP_PKEY_meth_add0(method) != 1:
+        raise SystemOpenSSLError(f"EVP_PKEY_meth_add0 failed: {_openssl_errors()}")
+    return method
 
 
 def _ec_method() -> Any:
@@ -264,6 +430,62 @@ def _openssl_errors() -> str:
         _libcrypto.ERR_error_string_n(code, buffer, 256)
         messages.append(_ffi.string(buffer).decode("ascii", "replace"))
     return "; ".join(messages) or "no OpenSSL error recorded"
+
+
+_RSA_PKEY_METHOD = _install_rsa_pkey_method()
+
+
+def token_limits(signer: KeySigner) -> tuple[bool, str | None, str | None]:
+    """What the token's mechanisms allow this key in TLS: (TLS 1.3 possible, the signature
+    algorithms to offer or None for OpenSSL's defaults, one line saying what was limited)."""
+    mechanisms = signer.mechanisms
+    if signer.info.key_type == "EC":
+        if Mechanism.ECDSA not in mechanisms:
+            raise TLSError(f"token offers no CKM_ECDSA for the EC key {signer.info.describe()}")
+        return True, None, None
+    pkcs1 = Mechanism.RSA_PKCS in mechanisms
+    raw = Mechanism.RSA_X_509 in mechanisms
+    pss = raw or Mechanism.RSA_PKCS_PSS in mechanisms
+    if not pkcs1 and not pss:
+        raise TLSError(
+            f"token offers none of CKM_RSA_PKCS, CKM_RSA_X_509, CKM_RSA_PKCS_PSS for the RSA "
+            f"key {signer.info.describe()}"
+        )
+    if not pss:
+        return (
+            False,
+            "rsa_pkcs1_sha256:rsa_pkcs1_sha384:rsa_pkcs1_sha512",
+            "the token offers neither CKM_RSA_X_509 nor CKM_RSA_PKCS_PSS, so RSA-PSS is "
+            "impossible: TLS 1.3 is off and TLS 1.2 signs with PKCS#1 v1.5 only",
+        )
+    if not pkcs1:
+        return (
+            True,
+            "rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:rsa_pss_rsae_sha512",
+            "the token offers no CKM_RSA_PKCS: only RSA-PSS signature algorithms are offered "
+            "(TLS 1.2 clients without RSA-PSS cannot connect)",
+        )
+    if not raw:
+        return True, None, "RSA-PSS signs through CKM_RSA_PKCS_PSS (no CKM_RSA_X_509 on token)"
+    return True, None, None
+
+
+def _apply_token_limits(context: Any, signer: KeySigner) -> None:
+    tls13, sigalgs, note = token_limits(signer)
+    if (
+        not tls13
+        and _libssl.SSL_CTX_ctrl(context, _SSL_CTRL_SET_MAX_PROTO_VERSION, 0x0303, _ffi.NULL) != 1
+    ):
+        raise TLSError(f"cannot limit the context to TLS 1.2: {_openssl_errors()}")
+    if sigalgs is not None:
+        text = _ffi.new("char[]", sigalgs.encode("ascii"))
+        if _libssl.SSL_CTX_ctrl(context, _SSL_CTRL_SET_SIGALGS_LIST, 0, text) != 1:
+            raise TLSError(f"cannot set signature algorithms {sigalgs}: {_openssl_errors()}")
+    if note is not None:
+        _log.info(
+            f"key {signer.info.describe()}: {note}",
+            extra={"fields": {"event": "token_key_limits"}},
+        )
 
 
 def _load_x509(der: bytes) -> Any:
@@ -337,6 +559,7 @@ def install_certificate_and_key(
         _libcrypto.EVP_PKEY_free(bridged)  # the SSL_CTX holds its own reference now
     if _libssl.SSL_CTX_check_private_key(context) != 1:
         raise TLSError(f"certificate and token key do not match: {_openssl_errors()}")
+    _apply_token_limits(context, signer)
 
 
 def verify_shared_libcrypto() -> str:

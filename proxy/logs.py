@@ -35,6 +35,7 @@ class _JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,  # tells the workers of `run --workers N` apart
         }
         entry.update(getattr(record, "fields", {}))
         return json.dumps(entry, sort_keys=False)

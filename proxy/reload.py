@@ -41,7 +41,7 @@ from OpenSSL import SSL
 
 from proxy.certificates import Chain, check_key_matches, parse_chain, validate_chain
 from proxy.config import ProxyConfig, SiteConfig
-from proxy.errors import ConfigError, LoginError, ProxyError, SecretError
+from proxy.errors import ConfigError, KeyCustodyError, LoginError, ProxyError, SecretError
 from proxy.keybridge import verify_shared_libcrypto
 from proxy.logs import log
 from proxy.secrets import SecretRef, SecretStore, default_store, read_pin
@@ -150,6 +150,7 @@ def build_generation(
             tickets.append(old)
     with _checking(config.token.pin.describe(), "read"):
         pin = read_pin(config.token.pin, store)
+    pin_store = store
     with _checking(config.token.pin.describe(), "login", (LoginError, SecretError)):
         token = Token(
             config.token.module,
@@ -157,14 +158,19 @@ def build_generation(
             pin,
             pool_size=config.token.sessions,
             observer=observer,
+            # Recovery logs in again with the PIN read afresh from its source (never kept).
+            pin_provider=lambda: read_pin(config.token.pin, pin_store),
         )
     del pin
     try:
         key = token.find_private_key(config.tls.key)
+        _check_custody(config, key)
         with _checking(config.tls.certificate_ref().describe(), "certificate matches token key"):
             check_key_matches(chain, key)
         context = build_server_context(chain, key)
         sites = tuple(_build_site(token, site, site_chain) for site, site_chain in site_chains)
+        for site in sites:
+            _check_custody(config, site.key)
         _route_names(context, chain, sites)
         if tickets:
             for each in [context, *(site.ssl_context for site in sites)]:
@@ -173,6 +179,17 @@ def build_generation(
         token.close()
         raise
     return Generation(number, config, token, key, chain, context, sites, tuple(tickets))
+
+
+def _check_custody(config: ProxyConfig, key: TokenKey) -> None:
+    """Refuse a key whose value could leave the token, when token.key_custody says so."""
+    problems = key.info.custody_problems()
+    if problems and config.token.key_custody == "refuse":
+        raise KeyCustodyError(
+            f"key {key.info.describe()} is {' and '.join(problems)}: its value could leave "
+            'the token, and token.key_custody = "refuse" (generate a sensitive, '
+            'non-extractable key, or set key_custody = "warn")'
+        )
 
 
 def _build_site(token: Token, site: SiteConfig, chain: Chain) -> Site:

@@ -78,10 +78,12 @@ from proxy.logs import access_log, connection_context, log
 from proxy.reload import Generation, GenerationHolder
 from proxy.tls import TLSInfo, TLSStream
 from proxy.upstream import UpstreamConnection, UpstreamFailure, UpstreamPool
+from proxy.workers import report_ready, worker_addresses
 
 _LINGER_SECONDS = 2.0
 _CLOSE_GRACE_SECONDS = _LINGER_SECONDS + 2.0
 _RECEIVE_SIZE = 65536
+_LISTEN_BACKLOG = 4096
 # accept() errors that mean "out of resources for now": wait and try again (as trio does).
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -524,6 +526,7 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
         generation.ssl_context,
         state.sign_limiter,
         on_server_name=lambda name: context.__setitem__("sni", name),
+        max_waiting=generation.config.token.queue_limit,
     )
     linger = abort = False
     try:
@@ -604,6 +607,22 @@ async def _sweep_pools(state: ServerState) -> None:
             pool.sweep()
 
 
+async def _reuse_port_listener(family: int, host: str, port: int) -> trio.SocketListener:
+    """A worker's own listening socket on the address the supervisor reserved (workers.py)."""
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+        if family == trio.socket.AF_INET6:
+            sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+        await sock.bind((host, port))
+        sock.listen(_LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
 async def serve(
     holder: GenerationHolder,
     listen: Address,
@@ -615,8 +634,12 @@ async def serve(
     ``tasks`` run beside the listeners (the reloader)."""
     state = ServerState(holder, trio.CapacityLimiter(holder.current.token.pool_size))
     http = holder.current.config.http
+    shared = worker_addresses()
     try:
-        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+        if shared is None:
+            listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+        else:
+            listeners = [await _reuse_port_listener(*address) for address in shared]
     except OSError as exc:
         raise TLSError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     bound = []
@@ -639,6 +662,7 @@ async def serve(
                     for task in tasks:
                         accepting.start_soon(task)
                     on_ready(bound)
+                    report_ready()
                     if received is not None:
                         async for signum in received:
                             log.info(

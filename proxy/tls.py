@@ -20,7 +20,10 @@ the manner of trio's own ``_ssl.py``:
 
 Handshake steps run in a worker thread (``trio.to_thread.run_sync``) bounded by a
 ``CapacityLimiter`` sized to the token's session pool: a step may call back into the token
-to sign (DESIGN.md, decision 3), and a slow token must not freeze the event loop.
+to sign (DESIGN.md, decision 3), and a slow token must not freeze the event loop. Once the
+token has signed for a handshake, its remaining steps leave the limiter to the handshakes
+still waiting. When ``max_waiting`` handshakes already wait for the limiter, a new one is
+refused at once (a bounded queue instead of a pile-up until the handshake timeout).
 
 Several certificates (SNI): each served chain has its own context with its own token key.
 :func:`attach_sni_routes` hangs a :class:`SNIRouter` on the default context (its app data);
@@ -58,7 +61,12 @@ from OpenSSL._util import ffi as _pyopenssl_ffi
 
 from proxy.certificates import Chain
 from proxy.errors import SecretError, TLSError
-from proxy.keybridge import KeySigner, install_certificate_and_key, pop_signing_error
+from proxy.keybridge import (
+    KeySigner,
+    install_certificate_and_key,
+    pop_signed,
+    pop_signing_error,
+)
 
 # TLS 1.2 suites: ECDHE key exchange and AEAD encryption only (TLS 1.3 suites are all AEAD).
 TLS12_CIPHERS = b":".join(
@@ -172,6 +180,7 @@ class TLSStream(trio.abc.Stream):
         context: SSL.Context,
         sign_limiter: trio.CapacityLimiter,
         on_server_name: Callable[[str], None] = lambda _name: None,
+        max_waiting: int | None = None,
     ) -> None:
         self.transport = transport
         # Called during the handshake (in its worker thread) with the client's SNI name.
@@ -180,10 +189,13 @@ class TLSStream(trio.abc.Stream):
         self._connection.set_app_data(self)
         self._connection.set_accept_state()
         self._sign_limiter = sign_limiter
+        # How many handshakes may wait for a token session; beyond it, refuse at once.
+        self._max_waiting = max_waiting
         self._send_lock = trio.Lock()
         self._receive_lock = trio.Lock()
         self._incoming_count = 0
         self._handshake_done = False
+        self._signed = False  # the token has signed for this handshake
         self.info: TLSInfo | None = None
 
     # -- moving bytes between the BIOs and the transport --------------------------------
@@ -229,16 +241,29 @@ class TLSStream(trio.abc.Stream):
             return "want-read"
         except SSL.Error as error:
             return pop_signing_error() or _describe_ssl_error(error)
+        finally:
+            self._signed = pop_signed() or self._signed
         return None
 
     async def do_handshake(self) -> TLSInfo:
         """Complete the server handshake; the caller bounds it with a timeout."""
         if self.info is not None:
             return self.info
+        if (
+            self._max_waiting is not None
+            and self._sign_limiter.statistics().tasks_waiting >= self._max_waiting
+        ):
+            raise TLSError(
+                f"token busy: {self._max_waiting} handshakes already wait for a session; "
+                "refused at once"
+            )
         while True:
             seen = self._incoming_count
+            # Steps up to the one that signed run under the token's limiter; once the
+            # signature is made, the rest of the handshake (reading the client's flight)
+            # no longer waits behind handshakes that queue for the token.
             outcome = await trio.to_thread.run_sync(
-                self._handshake_step, limiter=self._sign_limiter
+                self._handshake_step, limiter=None if self._signed else self._sign_limiter
             )
             try:
                 await self._flush()  # the server flight, or an alert explaining a failure

@@ -19,7 +19,14 @@ pipe, never from its command line.
 ``Token.sign`` is synchronous and thread-safe: it is called from OpenSSL's key callbacks,
 inside a handshake step that runs in a worker thread (DESIGN.md, decision 3). It borrows a
 session from the pool, signs with the key object found in that session, and returns the
-session. Object handles are looked up once per session and cached.
+session. Object handles are looked up once per session and cached. Because many threads
+call the module, it is initialised with CKF_OS_LOCKING_OK (python-pkcs11 passes NULL,
+which lets SoftHSM2 drop its locks).
+
+A token that fails is recovered in place (see :class:`Token`): a lost session or login is
+reopened and the signature retried; a failing device marks the token unusable, so that
+signatures fail at once, while a background thread rebuilds the pool with backoff.
+:attr:`Token.usable` is what readiness reports.
 
 Nothing here knows about trio, OpenSSL or TLS; only this module imports ``pkcs11``. PINs
 are passed in, used for ``C_Login`` and never stored, logged, or put into an exception.
@@ -32,8 +39,9 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import hashlib
+import logging
 import os
-import queue
 import subprocess
 import sys
 import threading
@@ -69,12 +77,14 @@ class Mechanism(enum.Enum):
     ECDSA = "ECDSA"  # the digest goes in, r || s comes out
     RSA_PKCS = "RSA_PKCS"  # PKCS#1 v1.5: DigestInfo in, the token pads
     RSA_X_509 = "RSA_X_509"  # raw RSA: OpenSSL already applied the (PSS) padding
+    RSA_PKCS_PSS = "RSA_PKCS_PSS"  # the digest goes in, the token applies PSS padding
 
 
 _P11_MECHANISM = {
     Mechanism.ECDSA: pkcs11.Mechanism.ECDSA,
     Mechanism.RSA_PKCS: pkcs11.Mechanism.RSA_PKCS,
     Mechanism.RSA_X_509: pkcs11.Mechanism.RSA_X_509,
+    Mechanism.RSA_PKCS_PSS: pkcs11.Mechanism.RSA_PKCS_PSS,
 }
 
 # Named curves the key bridge supports, by OID.
@@ -99,6 +109,15 @@ class KeyInfo:
     def describe(self) -> str:
         return f"label={self.label!r} id={self.id.hex() or '(empty)'} type={self.size}"
 
+    def custody_problems(self) -> list[str]:
+        """Why the key could leave the token, if it could (empty when it cannot)."""
+        problems = []
+        if self.extractable is not False:
+            problems.append("extractable" if self.extractable else "extractability unknown")
+        if self.sensitive is not True:
+            problems.append("not sensitive" if self.sensitive is False else "sensitivity unknown")
+        return problems
+
 
 @dataclass(frozen=True)
 class SignatureEvent:
@@ -121,16 +140,73 @@ def _ignore_event(_event: SignatureEvent) -> None:
 @dataclass
 class _PooledSession:
     session: Any
+    epoch: int = 0
     keys: dict[tuple[str, bytes], Any] = field(default_factory=dict)
 
 
+_log = logging.getLogger("hsm_proxy.token")
 _loaded_modules: dict[str, Any] = {}
 _module_lock = threading.Lock()
-_CKF_OS_LOCKING_OK = 0x00000002
-_CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x00000191
 
 
-class _CInitializeArgs(ctypes.Structure):
+class _FunctionListHead(ctypes.Structure):
+    # The start of CK_FUNCTION_LIST: the version, then the first seven functions.
+    _fields_ = [
+        ("major", ctypes.c_ubyte),
+        ("minor", ctypes.c_ubyte),
+        ("C_Initialize", ctypes.c_void_p),
+        ("C_Finalize", ctypes.c_void_p),
+        ("C_GetInfo", ctypes.c_void_p),
+        ("C_GetFunctionList", ctypes.c_void_p),
+        ("C_GetSlotList", ctypes.c_void_p),
+        ("C_GetSlotInfo", ctypes.c_void_p),
+        ("C_GetTokenInfo", ctypes.c_void_p),
+    ]
+
+
+class _TokenInfo(ctypes.Structure):
+    # CK_TOKEN_INFO (python-pkcs11 does not expose the session counts).
+    _fields_ = [
+        ("label", ctypes.c_ubyte * 32),
+        ("manufacturerID", ctypes.c_ubyte * 32),
+        ("model", ctypes.c_ubyte * 16),
+        ("serialNumber", ctypes.c_ubyte * 16),
+        ("flags", ctypes.c_ulong),
+        ("ulMaxSessionCount", ctypes.c_ulong),
+        ("ulSessionCount", ctypes.c_ulong),
+        ("ulMaxRwSessionCount", ctypes.c_ulong),
+        ("ulRwSessionCount", ctypes.c_ulong),
+        ("ulMaxPinLen", ctypes.c_ulong),
+        ("ulMinPinLen", ctypes.c_ulong),
+        ("ulTotalPublicMemory", ctypes.c_ulong),
+        ("ulFreePublicMemory", ctypes.c_ulong),
+        ("ulTotalPrivateMemory", ctypes.c_ulong),
+        ("ulFreePrivateMemory", ctypes.c_ulong),
+        ("hardwareVersion", ctypes.c_ubyte * 2),
+        ("firmwareVersion", ctypes.c_ubyte * 2),
+        ("utcTime", ctypes.c_ubyte * 16),
+    ]
+
+
+_CK_UNAVAILABLE_INFORMATION = ctypes.c_ulong(-1).value
+
+
+def _session_room(path: str, slot_id: int) -> int | None:
+    """How many more sessions the token says it can open; None when it sets no limit."""
+    info = _TokenInfo()
+    get_token_info = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p)(
+        _function_list_head(path).C_GetTokenInfo
+    )
+    if get_token_info(slot_id, ctypes.addressof(info)) != 0:
+        return None
+    limit, used = int(info.ulMaxSessionCount), int(info.ulSessionCount)
+    if limit in (0, _CK_UNAVAILABLE_INFORMATION):  # CK_EFFECTIVELY_INFINITE, or unknown
+        return None
+    return limit - (0 if used == _CK_UNAVAILABLE_INFORMATION else used)
+
+
+class _InitializeArgs(ctypes.Structure):
+    # CK_C_INITIALIZE_ARGS: no mutex callbacks, CKF_OS_LOCKING_OK.
     _fields_ = [
         ("CreateMutex", ctypes.c_void_p),
         ("DestroyMutex", ctypes.c_void_p),
@@ -141,13 +217,49 @@ class _CInitializeArgs(ctypes.Structure):
     ]
 
 
-class _ThreadSafeLib(_pkcs11_native.lib):  # type: ignore[misc]
-    """python-pkcs11's ``lib``, initialised with CKF_OS_LOCKING_OK.
+_CKF_OS_LOCKING_OK = 0x2
+_CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+_CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
+_RAW_CALL = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
 
-    python-pkcs11 calls C_Initialize(NULL), which tells the module that no two threads
-    will call it at once; SoftHSM2 then turns its locks off, and concurrent handshakes
-    (one signature each, in worker threads) corrupt its memory. Signing from several
-    threads is the design (DESIGN.md, decision 3), so the module is told to lock.
+
+def _function_list_head(path: str) -> _FunctionListHead:
+    library = ctypes.CDLL(path)  # the handle python-pkcs11 opened: same module state
+    head = ctypes.POINTER(_FunctionListHead)()
+    get = library.C_GetFunctionList
+    get.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionListHead))]
+    get.restype = ctypes.c_ulong
+    result = get(ctypes.byref(head))
+    if result != 0 or not head:
+        raise ModuleLoadError(f"C_GetFunctionList of {path} failed with CKR 0x{result:08x}")
+    return head.contents
+
+
+def _initialize_threaded(path: str) -> None:
+    """C_Initialize telling the module that several threads call it (CKF_OS_LOCKING_OK).
+
+    python-pkcs11 passes NULL, which per PKCS#11 promises single-threaded use, and
+    SoftHSM2 then runs without its mutexes: concurrent signatures in different sessions
+    fail with CKR_GENERAL_ERROR. The pool signs from many threads, so the module is told to
+    lock.
+    """
+    arguments = _InitializeArgs(None, None, None, None, _CKF_OS_LOCKING_OK, None)
+    initialize = _RAW_CALL(_function_list_head(path).C_Initialize)
+    result = initialize(ctypes.addressof(arguments))
+    if result not in (0, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
+        raise ModuleLoadError(f"C_Initialize of {path} failed with CKR 0x{result:08x}")
+
+
+def _finalize(path: str) -> None:
+    finalize = _RAW_CALL(_function_list_head(path).C_Finalize)
+    finalize(None)  # any error: the module is gone either way
+
+
+class _ThreadSafeLib(_pkcs11_native.lib):  # type: ignore[misc]
+    """python-pkcs11's ``lib``, initialised with CKF_OS_LOCKING_OK (see _initialize_threaded).
+
+    The call goes through the module's function list, not an exported C_Initialize symbol:
+    a module may export only C_GetFunctionList (faulthsm does, and PKCS#11 allows it).
     """
 
     def __init__(self, so: str) -> None:
@@ -155,16 +267,7 @@ class _ThreadSafeLib(_pkcs11_native.lib):  # type: ignore[misc]
         super().__init__(so)
 
     def initialize(self) -> None:
-        library = ctypes.CDLL(self._path)  # the same loaded object python-pkcs11 uses
-        arguments = _CInitializeArgs(None, None, None, None, _CKF_OS_LOCKING_OK, None)
-        library.C_Initialize.argtypes = [ctypes.c_void_p]
-        library.C_Initialize.restype = ctypes.c_ulong
-        result = library.C_Initialize(ctypes.byref(arguments))
-        if result not in (0, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
-            raise ModuleLoadError(
-                f"cannot initialise PKCS#11 module {self._path}: C_Initialize returned "
-                f"CKR 0x{result:08x}"
-            )
+        _initialize_threaded(self._path)
 
 
 def load_module(path: str) -> Any:
@@ -180,6 +283,15 @@ def load_module(path: str) -> Any:
             raise ModuleLoadError(f"cannot load PKCS#11 module {path}: {exc}") from None
         _loaded_modules[path] = module
         return module
+
+
+def unload_module(path: str) -> None:
+    """Finalize the module at ``path`` (C_Finalize) so that another module that forwards to
+    it (faulthsm in dev mode) can initialise it afresh in this process."""
+    with _module_lock:
+        module = _loaded_modules.pop(path, None)
+    if module is not None:
+        _finalize(path)
 
 
 def _token_filter(uri: KeyURI) -> dict[str, str]:
@@ -238,6 +350,16 @@ def _select_token(module_path: str, uri: KeyURI) -> Any:
         f"{len(matches)} tokens in {module_path} match {uri}; add token= or serial= to pick "
         f"one; tokens present: {available}"
     )
+
+
+_LOGIN_FAILURES = (
+    p11err.PinIncorrect,
+    p11err.PinLocked,
+    p11err.PinExpired,
+    p11err.PinInvalid,
+    p11err.PinLenRange,
+    p11err.UserPinNotInitialized,
+)
 
 
 def _login_failure(exc: p11err.PKCS11Error, token_label: str) -> LoginError:
@@ -302,6 +424,35 @@ def _release_login(key: tuple[str, int]) -> None:
             login.session.close()  # C_Logout, then C_CloseSession
 
 
+def _ensure_login(
+    token: Any, module_path: str, pin: Callable[[], str], probe: dict[Attribute, Any]
+) -> None:
+    """Recovery: log the process in again if it lost its login (a new login session).
+
+    Whether it is still logged in is seen from a plain session: private objects (the
+    ``probe`` template) are visible only to a logged-in process. The old login session is
+    dropped, not closed: it is dead, and if it were not, closing it would log out again.
+    """
+    key = (module_path, int(token.slot.slot_id))
+    with _logins_lock:
+        check = token.open()
+        try:
+            if next(iter(check.get_objects(probe)), None) is not None:
+                return
+        finally:
+            with suppress(p11err.PKCS11Error):
+                check.close()
+        try:
+            session = token.open(user_pin=pin())
+        except p11err.UserAlreadyLoggedIn:
+            return  # another thread of this process logged in meanwhile
+        login = _logins.get(key)
+        if login is None:
+            _logins[key] = _Login(session, 1)
+        else:
+            login.session = session
+
+
 _PROBE_TIMEOUT = 30.0
 
 
@@ -345,8 +496,88 @@ def _probe_login_main(module_path: str, uri_text: str) -> int:
     return 0
 
 
+class _Failure(enum.Enum):
+    """How bad a PKCS#11 error is, which decides the recovery."""
+
+    OPERATION = "operation"  # this signature failed; sessions and login are fine
+    SESSION = "session"  # a session or the login is gone: reopen the pool, log in again
+    DEVICE = "device"  # the token or module is unwell: fail fast, recover in the background
+
+
+_SESSION_FAILURES = (
+    p11err.SessionHandleInvalid,
+    p11err.SessionClosed,
+    p11err.UserNotLoggedIn,
+    p11err.ObjectHandleInvalid,
+    p11err.KeyHandleInvalid,
+    p11err.OperationActive,
+    p11err.OperationNotInitialized,
+)
+_DEVICE_FAILURES = (
+    p11err.DeviceError,
+    p11err.DeviceRemoved,
+    p11err.DeviceMemory,
+    p11err.TokenNotPresent,
+    p11err.TokenNotRecognised,
+    p11err.GeneralError,
+    p11err.FunctionFailed,
+)
+
+
+def _classify(exc: p11err.PKCS11Error) -> _Failure:
+    if isinstance(exc, _SESSION_FAILURES):
+        return _Failure.SESSION
+    if isinstance(exc, _DEVICE_FAILURES):
+        return _Failure.DEVICE
+    if type(exc) is p11err.PKCS11Error and "not initialized" in str(exc):
+        return _Failure.DEVICE  # CKR_CRYPTOKI_NOT_INITIALIZED: the module lost its state
+    return _Failure.OPERATION
+
+
+def _reason(exc: BaseException) -> str:
+    if type(exc) is p11err.PKCS11Error and "not initialized" in str(exc):
+        return "CryptokiNotInitialized"
+    return type(exc).__name__
+
+
+@dataclass(frozen=True)
+class PSSParams:
+    """What CKM_RSA_PKCS_PSS needs besides the digest: its hash and the salt length."""
+
+    hash: str  # "SHA256", "SHA384" or "SHA512"; MGF1 uses the same hash
+    salt_length: int
+
+
+_PSS_HASHES = {
+    "SHA256": (pkcs11.Mechanism.SHA256, pkcs11.MGF.SHA256, 32),
+    "SHA384": (pkcs11.Mechanism.SHA384, pkcs11.MGF.SHA384, 48),
+    "SHA512": (pkcs11.Mechanism.SHA512, pkcs11.MGF.SHA512, 64),
+}
+
+# What the recovery test signature signs: a SHA-256 digest, as in a TLS handshake.
+_PROBE_DIGEST = hashlib.sha256(b"hsm-proxy recovery probe").digest()
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
 class Token:
-    """A logged-in token with a pool of sessions; thread-safe ``sign``."""
+    """A logged-in token with a pool of sessions; thread-safe ``sign`` that recovers.
+
+    Recovery. A PKCS#11 error is classified (:func:`_classify`). An error that only
+    concerns the operation fails that signature. One that means a session or the login is
+    gone (CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED, CKR_USER_NOT_LOGGED_IN, ...)
+    makes the signing thread rebuild the pool at once (close every session, open new ones,
+    log in again with a PIN read afresh from ``pin_provider``) and retry the signature
+    once, so the client never notices. One that means the device is unwell
+    (CKR_DEVICE_ERROR, CKR_TOKEN_NOT_PRESENT, CKR_CRYPTOKI_NOT_INITIALIZED, ...) marks
+    the token unusable: every signature then fails at once, without touching the token,
+    while one background thread rebuilds the pool (re-initialising the module when a plain
+    rebuild does not work) with exponential backoff, and proves the token works with a
+    test signature before it is marked usable again. :attr:`usable` and
+    :attr:`unusable_reason` say where it stands (readiness reads them).
+
+    Every pool rebuild starts a new *epoch*: sessions of an older epoch that threads still
+    hold are retired when they come back, never reused.
+    """
 
     def __init__(
         self,
@@ -356,54 +587,298 @@ class Token:
         pool_size: int = 4,
         acquire_timeout: float = 10.0,
         observer: SignatureObserver = _ignore_event,
+        pin_provider: Callable[[], str] | None = None,
+        backoff: tuple[float, float] = (0.1, 5.0),
     ) -> None:
         if pool_size < 1:
             raise TokenError(f"the session pool needs at least 1 session, got {pool_size}")
         self.module_path = module_path
+        self._selection = selection
         self._token = _select_token(module_path, selection)
         self.label: str = self._token.label
+        room = _session_room(module_path, self._token.slot.slot_id)
+        if room is not None and room < pool_size:
+            if room < 1:
+                raise TokenError(f"token {self.label!r} has no free session (its limit is reached)")
+            _log.warning(
+                f"token {self.label!r} allows {room} more sessions; the pool uses {room} "
+                f"instead of the {pool_size} configured",
+                extra={"fields": {"event": "token_session_limit"}},
+            )
+            pool_size = room
+        self._size = pool_size
         self._observer = observer
         self._acquire_timeout = acquire_timeout
-        self._pool: queue.LifoQueue[_PooledSession] = queue.LifoQueue()
-        self._sessions: list[_PooledSession] = []
+        self._pin_provider = pin_provider
+        self._backoff = backoff
+        self._condition = threading.Condition()
+        self._recovery_lock = threading.Lock()
+        self._idle: list[_PooledSession] = []
+        self._borrowed: set[int] = set()  # id() of sessions threads hold now
+        self._retired: list[_PooledSession] = []
+        self._epoch = 0
+        self._closed = False
+        self._down_reason: str | None = None
+        self._recovering = False
+        self._stop = threading.Event()
+        self._keys: list[TokenKey] = []
         self._closed = True  # until the login is held
         self._login_key = _acquire_login(self._token, module_path, selection, pin)
         self._closed = False
         try:
-            for _ in range(pool_size):
-                self._sessions.append(_PooledSession(self._token.open()))
+            self._idle = self._open_sessions()
         except p11err.PKCS11Error as exc:
-            self.close()
+            self._closed = True
+            _release_login(self._login_key)
             raise TokenError(
                 f"token {self.label!r} refused to open {pool_size} sessions "
-                f"({type(exc).__name__}); lower [token] sessions"
+                f"({_reason(exc)}); lower [token] sessions"
             ) from None
-        for pooled in self._sessions:
-            self._pool.put(pooled)
-        self.mechanisms = frozenset(
-            ours
-            for ours, theirs in _P11_MECHANISM.items()
-            if theirs in self._token.slot.get_mechanisms()
-        )
+        self.mechanisms = self._read_mechanisms()
+
+    def _read_mechanisms(self) -> frozenset[Mechanism]:
+        offered = set(self._token.slot.get_mechanisms())
+        return frozenset(ours for ours, theirs in _P11_MECHANISM.items() if theirs in offered)
+
+    def _open_sessions(self) -> list[_PooledSession]:
+        """Open ``size`` plain sessions (they share the process's login); all or nothing."""
+        opened: list[_PooledSession] = []
+        try:
+            while len(opened) < self._size:
+                opened.append(_PooledSession(self._token.open(), epoch=self._epoch))
+        except BaseException:
+            for pooled in reversed(opened):
+                with suppress(p11err.PKCS11Error):
+                    pooled.session.close()
+            raise
+        return opened
 
     @property
     def pool_size(self) -> int:
-        return len(self._sessions)
+        return self._size
+
+    @property
+    def usable(self) -> bool:
+        """False while the token is failing and being recovered (or after close)."""
+        return not self._closed and self._down_reason is None
+
+    @property
+    def unusable_reason(self) -> str | None:
+        if self._closed:
+            return "closed"
+        return self._down_reason
+
+    # -- the pool ------------------------------------------------------------------------
+
+    def _borrow(self, probing: bool = False) -> _PooledSession:
+        deadline = time.monotonic() + self._acquire_timeout
+        with self._condition:
+            while True:
+                if self._closed:
+                    raise TokenError(f"token {self.label!r} has been closed")
+                if self._down_reason is not None and not probing:
+                    raise SigningError(self._down_message())
+                if self._idle:
+                    pooled = self._idle.pop()
+                    self._borrowed.add(id(pooled))
+                    return pooled
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SigningError(
+                        f"no free session on token {self.label!r} within {self._acquire_timeout:g}s"
+                    )
+                self._condition.wait(remaining)
+
+    def _give_back(self, pooled: _PooledSession, broken: bool = False) -> None:
+        with self._condition:
+            self._borrowed.discard(id(pooled))
+            if broken or pooled.epoch != self._epoch or self._closed:
+                self._retired.append(pooled)
+            else:
+                self._idle.append(pooled)
+            self._condition.notify_all()
 
     @contextmanager
     def _session(self) -> Iterator[_PooledSession]:
-        if self._closed:
-            raise TokenError(f"token {self.label!r} has been closed")
-        try:
-            pooled = self._pool.get(timeout=self._acquire_timeout)
-        except queue.Empty:
-            raise SigningError(
-                f"no free session on token {self.label!r} within {self._acquire_timeout:g}s"
-            ) from None
+        pooled = self._borrow()
         try:
             yield pooled
         finally:
-            self._pool.put(pooled)
+            self._give_back(pooled)
+
+    def _down_message(self) -> str:
+        until = "while it recovers" if self._recovering else "until a reload or restart"
+        return f"token {self.label!r} is unusable ({self._down_reason}); refusing at once {until}"
+
+    # -- recovery ------------------------------------------------------------------------
+
+    def _rebuild(self, reinitialize: bool) -> None:
+        """Retire every session, then open a fresh, logged-in pool (a new epoch)."""
+        if self._pin_provider is None:
+            raise TokenError(f"token {self.label!r} cannot log in again: no PIN source")
+        with self._condition:
+            self._epoch += 1
+            self._retired.extend(self._idle)
+            self._idle = []
+            # Sessions other threads still hold fail the same way; wait for them (bounded)
+            # before their pool is replaced.
+            deadline = time.monotonic() + self._acquire_timeout
+            while self._borrowed and time.monotonic() < deadline:
+                self._condition.wait(deadline - time.monotonic())
+            retired, self._retired = self._retired, []
+        if reinitialize:
+            _finalize(self.module_path)  # every session of the process ends here
+            try:
+                _initialize_threaded(self.module_path)
+            except ModuleLoadError as exc:
+                raise TokenError(f"re-initialising the module failed: {exc}") from None
+            self._token = _select_token(self.module_path, self._selection)
+        else:
+            for pooled in reversed(retired):
+                with suppress(p11err.PKCS11Error):
+                    pooled.session.close()
+        probe: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+        if self._keys:
+            probe[Attribute.LABEL] = self._keys[0].info.label
+            probe[Attribute.ID] = self._keys[0].info.id
+        _ensure_login(self._token, self.module_path, self._pin_provider, probe)
+        fresh = self._open_sessions()
+        with self._condition:
+            closed = self._closed
+            if not closed:
+                self._idle = fresh
+                self._condition.notify_all()
+        if closed:
+            for pooled in reversed(fresh):
+                with suppress(p11err.PKCS11Error):
+                    pooled.session.close()
+
+    def _probe(self) -> None:
+        """One test signature with each key in use: proof that the token really signs.
+
+        Probe signatures are key usage too: each one reaches the observer (the audit log).
+        """
+        pooled = self._borrow(probing=True)
+        broken = False
+        try:
+            for key in self._keys:
+                if key.info.key_type == "EC":
+                    mechanism, data = Mechanism.ECDSA, _PROBE_DIGEST
+                else:
+                    mechanism, data = Mechanism.RSA_PKCS, _SHA256_DIGEST_INFO + _PROBE_DIGEST
+                started = time.perf_counter()
+                try:
+                    self._key_handle(pooled, key).sign(data, mechanism=_P11_MECHANISM[mechanism])
+                except p11err.PKCS11Error as exc:
+                    elapsed = time.perf_counter() - started
+                    self._observer(
+                        SignatureEvent(str(key.uri), mechanism, False, elapsed, _reason(exc))
+                    )
+                    raise
+                elapsed = time.perf_counter() - started
+                self._observer(SignatureEvent(str(key.uri), mechanism, True, elapsed))
+        except p11err.PKCS11Error:
+            broken = True
+            raise
+        finally:
+            self._give_back(pooled, broken)
+
+    def _mark_down(self, reason: str, recover: bool = True) -> None:
+        with self._condition:
+            if self._closed:
+                return
+            if self._down_reason is None:
+                _log.warning(
+                    f"token {self.label!r} is unusable ({reason}): new handshakes fail at "
+                    "once until it recovers",
+                    extra={"fields": {"event": "token_down", "reason": reason}},
+                )
+            self._down_reason = reason
+            self._condition.notify_all()
+            if recover and not self._recovering:
+                self._recovering = True
+                threading.Thread(
+                    target=self._recover_in_background, name="token-recovery", daemon=True
+                ).start()
+
+    def _recover_in_background(self) -> None:
+        delay, ceiling = self._backoff
+        attempt = 0
+        while not self._stop.is_set():
+            attempt += 1
+            try:
+                with self._recovery_lock:
+                    try:
+                        self._rebuild(reinitialize=False)
+                    except p11err.PKCS11Error:
+                        self._rebuild(reinitialize=True)
+                    self._probe()
+            except _LOGIN_FAILURES as exc:
+                # Trying the same PIN again could lock it: stay down until a new generation
+                # (a reload with the right PIN) or a restart replaces this token.
+                reason = str(_login_failure(exc, self.label))
+                with self._condition:
+                    self._down_reason = reason
+                    self._recovering = False
+                _log.error(
+                    f"{reason} while recovering; not retrying, so as not to lock the PIN",
+                    extra={"fields": {"event": "token_recovery_abandoned"}},
+                )
+                return
+            except (p11err.PKCS11Error, TokenError) as exc:
+                reason = str(exc.args[0]) if isinstance(exc, TokenError) else _reason(exc)
+                with self._condition:
+                    if self._down_reason is not None:
+                        self._down_reason = reason
+                _log.info(
+                    f"token {self.label!r} still unusable after attempt {attempt} ({reason}); "
+                    f"next attempt in {delay:g}s",
+                    extra={"fields": {"event": "token_recovery_failed", "attempt": attempt}},
+                )
+                self._stop.wait(delay)
+                delay = min(delay * 2, ceiling)
+                continue
+            with self._condition:
+                self._down_reason = None
+                self._recovering = False
+                self._condition.notify_all()
+            _log.warning(
+                f"token {self.label!r} is usable again after {attempt} attempt(s)",
+                extra={"fields": {"event": "token_recovered", "attempts": attempt}},
+            )
+            return
+        with self._condition:
+            self._recovering = False
+
+    def _recover_now(self, failed_epoch: int) -> bool:
+        """A session-level failure: rebuild the pool in this thread; True if it worked."""
+        with self._recovery_lock:
+            with self._condition:
+                if self._down_reason is not None:
+                    return False
+                if self._epoch != failed_epoch:
+                    return True  # another thread rebuilt the pool meanwhile
+            try:
+                self._rebuild(reinitialize=False)
+            except _LOGIN_FAILURES as exc:
+                reason = str(_login_failure(exc, self.label))
+                self._mark_down(reason, recover=False)
+                _log.error(
+                    f"{reason} while logging in again; not retrying, so as not to lock the PIN",
+                    extra={"fields": {"event": "token_recovery_abandoned"}},
+                )
+                return False
+            except (p11err.PKCS11Error, TokenError) as exc:
+                reason = exc.args[0] if isinstance(exc, TokenError) else _reason(exc)
+                self._mark_down(str(reason))
+                return False
+            _log.info(
+                f"token {self.label!r}: sessions reopened and logged in again",
+                extra={"fields": {"event": "token_sessions_reopened"}},
+            )
+            return True
+
+    # -- keys and signatures -------------------------------------------------------------
 
     def find_private_key(self, uri: KeyURI) -> TokenKey:
         """The one private key that ``uri`` names, or a clear error listing what matched."""
@@ -439,49 +914,91 @@ class Token:
                     f"{listed}; add id= (or a unique object=) to the key URI"
                 )
             info = _describe_key(session, matches[0])
-        return TokenKey(self, uri, info)
+        key = TokenKey(self, uri, info)
+        self._keys.append(key)
+        return key
 
-    def sign(self, key: TokenKey, mechanism: Mechanism, data: bytes) -> bytes:
+    @staticmethod
+    def _key_handle(pooled: _PooledSession, key: TokenKey) -> Any:
+        handle = pooled.keys.get((key.info.label, key.info.id))
+        if handle is None:
+            handle = pooled.session.get_key(
+                object_class=ObjectClass.PRIVATE_KEY, label=key.info.label, id=key.info.id
+            )
+            pooled.keys[(key.info.label, key.info.id)] = handle
+        return handle
+
+    def _sign_once(
+        self, key: TokenKey, mechanism: Mechanism, data: bytes, pss: PSSParams | None
+    ) -> bytes:
+        pooled = self._borrow()
+        broken = False
+        try:
+            handle = self._key_handle(pooled, key)
+            parameters = None
+            if mechanism is Mechanism.RSA_PKCS_PSS:
+                if pss is None or pss.hash not in _PSS_HASHES:
+                    raise SigningError(f"RSA-PSS needs a hash of {', '.join(_PSS_HASHES)}")
+                hash_mechanism, mgf, _ = _PSS_HASHES[pss.hash]
+                parameters = (hash_mechanism, mgf, pss.salt_length)
+            signature: bytes = handle.sign(
+                data, mechanism=_P11_MECHANISM[mechanism], mechanism_param=parameters
+            )
+        except p11err.PKCS11Error as exc:
+            broken = _classify(exc) is not _Failure.OPERATION
+            exc.hsm_proxy_epoch = pooled.epoch  # type: ignore[attr-defined]
+            raise
+        finally:
+            self._give_back(pooled, broken)
+        return signature
+
+    def sign(
+        self, key: TokenKey, mechanism: Mechanism, data: bytes, pss: PSSParams | None = None
+    ) -> bytes:
         """Sign ``data`` with ``key`` inside the token. Called from worker threads."""
         started = time.perf_counter()
+        uri = str(key.uri)
         try:
-            with self._session() as pooled:
-                handle = pooled.keys.get((key.info.label, key.info.id))
-                if handle is None:
-                    handle = pooled.session.get_key(
-                        object_class=ObjectClass.PRIVATE_KEY,
-                        label=key.info.label,
-                        id=key.info.id,
-                    )
-                    pooled.keys[(key.info.label, key.info.id)] = handle
-                signature: bytes = handle.sign(data, mechanism=_P11_MECHANISM[mechanism])
+            try:
+                signature = self._sign_once(key, mechanism, data, pss)
+            except p11err.PKCS11Error as exc:
+                failure = _classify(exc)
+                if failure is _Failure.DEVICE:
+                    self._mark_down(_reason(exc))
+                    raise
+                if failure is _Failure.OPERATION or not self._recover_now(
+                    getattr(exc, "hsm_proxy_epoch", -1)
+                ):
+                    raise
+                signature = self._sign_once(key, mechanism, data, pss)  # one retry
         except p11err.PKCS11Error as exc:
-            reason = type(exc).__name__
+            reason = _reason(exc)
             self._observer(
-                SignatureEvent(
-                    str(key.uri), mechanism, False, time.perf_counter() - started, reason
-                )
+                SignatureEvent(uri, mechanism, False, time.perf_counter() - started, reason)
             )
             raise SigningError(f"token {self.label!r} failed to sign: {reason}") from None
         except SigningError as exc:
             self._observer(
-                SignatureEvent(
-                    str(key.uri), mechanism, False, time.perf_counter() - started, str(exc)
-                )
+                SignatureEvent(uri, mechanism, False, time.perf_counter() - started, str(exc))
             )
             raise
-        self._observer(SignatureEvent(str(key.uri), mechanism, True, time.perf_counter() - started))
+        self._observer(SignatureEvent(uri, mechanism, True, time.perf_counter() - started))
         return signature
 
     def close(self) -> None:
-        """Close this object's sessions; the shared login session goes with the last user."""
-        if self._closed:
-            return
-        self._closed = True
-        for pooled in reversed(self._sessions):
+        """Close this object's sessions and stop recovering; the shared login session
+        goes with the last user."""
+        with self._condition:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop.set()
+            sessions = self._idle + self._retired
+            self._idle, self._retired = [], []
+            self._condition.notify_all()
+        for pooled in reversed(sessions):
             with suppress(p11err.PKCS11Error):
                 pooled.session.close()
-        self._sessions.clear()
         _release_login(self._login_key)
 
     def __enter__(self) -> Token:
@@ -499,8 +1016,13 @@ class TokenKey:
     uri: KeyURI
     info: KeyInfo
 
-    def sign(self, mechanism: Mechanism, data: bytes) -> bytes:
-        return self.token.sign(self, mechanism, data)
+    @property
+    def mechanisms(self) -> frozenset[Mechanism]:
+        """The signing mechanisms the token offers (read once, at start-up)."""
+        return self.token.mechanisms
+
+    def sign(self, mechanism: Mechanism, data: bytes, pss: PSSParams | None = None) -> bytes:
+        return self.token.sign(self, mechanism, data, pss)
 
 
 def _bool_attribute(obj: Any, attribute: Attribute) -> bool | None:

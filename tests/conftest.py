@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -59,7 +60,7 @@ def proxy_factory(
 ) -> Iterator[ProxyFactory]:
     started: list[ProxyProcess] = []
 
-    def start(key: str = "ec256", **overrides: object) -> ProxyProcess:
+    def start(key: str = "ec256", **overrides: Any) -> ProxyProcess:
         process = ProxyProcess.start(tmp_path, hsm, ca, upstream.url, key, **overrides)
         started.append(process)
         return process

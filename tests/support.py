@@ -54,12 +54,16 @@ class HSM:
         label, key_id, _ = KEYS[name]
         return KeyURI(token=TOKEN_LABEL, object=label, id=key_id)
 
-    def add_key(self, name: str, label: str, key_id: bytes, kind: str) -> None:
+    def add_key(
+        self, name: str, label: str, key_id: bytes, kind: str, *, extractable: bool = False
+    ) -> None:
         """Generate one more key (slow kinds such as RSA-4096 only when a test needs them)."""
         if name in self.public_keys:
             return
         KEYS[name] = (label, key_id, kind)
-        generate_key(self.module, TOKEN_LABEL, TOKEN_PIN, label, key_id, kind)
+        generate_key(
+            self.module, TOKEN_LABEL, TOKEN_PIN, label, key_id, kind, extractable=extractable
+        )
         with Token(self.module, self.uri(name), TOKEN_PIN, pool_size=1) as token:
             public = token.find_private_key(self.uri(name)).info.public_key_der
         assert public is not None
@@ -221,6 +225,9 @@ def write_config(
     pin_file: Path | None = None,
     extra_tls: str = "",
     extra: str = "",
+    module: str | None = None,
+    sessions: int = 2,
+    extra_token: str = "",
 ) -> Path:
     chain = directory / f"chain-{key}.pem"
     chain.write_bytes(issue_chain(ca, hsm.public_keys[certificate_for or key]))
@@ -229,9 +236,10 @@ def write_config(
         f'listen = "127.0.0.1:0"\n'
         f'upstream = "{upstream_url}"\n\n'
         f"[token]\n"
-        f'module = "{hsm.module}"\n'
+        f'module = "{module or hsm.module}"\n'
         f'pin_file = "{pin_file or hsm.pin_file}"\n'
-        f"sessions = 2\n\n"
+        f"sessions = {sessions}\n"
+        f"{extra_token}\n"
         f"[tls]\n"
         f'certificate = "{chain}"\n'
         f'key = "{key_uri or hsm.uri(key)}"\n'
@@ -251,17 +259,27 @@ class ProxyProcess:
 
     @classmethod
     def start(
-        cls, directory: Path, hsm: HSM, ca: trustme.CA, upstream_url: str, key: str, **options: Any
+        cls,
+        directory: Path,
+        hsm: HSM,
+        ca: trustme.CA,
+        upstream_url: str,
+        key: str,
+        *,
+        env: dict[str, str] | None = None,
+        run_args: tuple[str, ...] = (),
+        **options: Any,
     ) -> ProxyProcess:
         config = write_config(directory, hsm, ca, upstream_url, key, **options)
         log_path = directory / f"proxy-{time.monotonic_ns()}.log"
         log_file = log_path.open("w")
         process = subprocess.Popen(
-            proxy_command("run", "--config", str(config)),
+            proxy_command("run", "--config", str(config), *run_args),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             text=True,
             cwd=REPO,
+            env={**os.environ, **(env or {})},
         )
         log_file.close()
         proxy = cls(process, log_path)

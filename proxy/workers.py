@@ -1,0 +1,243 @@
+"""Several worker processes behind one address (``hsm-proxy run --workers N``).
+
+Theory of operation. PKCS#11 state does not survive ``fork()``: a module initialised in a
+parent is unusable in a forked child. So the supervisor never loads a PKCS#11 module; it
+*spawns* each worker as a fresh ``python -m proxy run`` process (fork + exec), which
+initialises the module, logs in and builds its generation on its own, exactly as a single
+process does.
+
+Sharing the port: the supervisor resolves the listen address, binds one socket per address
+with ``SO_REUSEPORT`` and keeps it bound but never listening (so port 0 becomes one
+concrete port, and the port stays reserved while workers come and go). Each worker binds
+its own listening socket to that concrete address with ``SO_REUSEPORT``; the kernel spreads
+new connections across the workers' sockets by a hash of the connection's addresses. The
+addresses reach workers in ``HSM_PROXY_WORKER_LISTEN`` (JSON); a worker reports that it
+serves by writing its pid to the pipe named by ``HSM_PROXY_READY_FD``.
+
+Workers start one at a time, each once the previous one serves. Supervision: a worker
+that exits before all workers became ready is a start-up failure (bad
+config, wrong PIN...): the supervisor stops the others and exits with its status. A worker
+that exits later is replaced, with a delay that grows while replacements keep dying young.
+SIGTERM or SIGINT is passed on to every worker, which drain and exit; SIGHUP is passed on
+too, and each worker reloads its config and secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proxy.config import Address
+from proxy.errors import ConfigError
+from proxy.logs import log
+
+WORKER_LISTEN_ENV = "HSM_PROXY_WORKER_LISTEN"
+READY_FD_ENV = "HSM_PROXY_READY_FD"
+_STOP_GRACE_SECONDS = 30.0
+_YOUNG_SECONDS = 5.0
+_MAX_RESTART_DELAY = 30.0
+
+
+def worker_addresses() -> list[tuple[int, str, int]] | None:
+    """In a worker: the (family, host, port) to bind with SO_REUSEPORT; None otherwise."""
+    text = os.environ.get(WORKER_LISTEN_ENV)
+    if not text:
+        return None
+    return [(int(family), str(host), int(port)) for family, host, port in json.loads(text)]
+
+
+def report_ready() -> None:
+    """In a worker: tell the supervisor this process serves."""
+    fd = os.environ.get(READY_FD_ENV)
+    if fd:
+        with suppress(OSError):  # the supervisor is gone; nothing to tell
+            os.write(int(fd), f"{os.getpid()}\n".encode())
+
+
+def reserve(listen: Address) -> tuple[list[socket.socket], list[tuple[int, str, int]]]:
+    """Bind (without listening) one SO_REUSEPORT socket per address ``listen`` names."""
+    try:
+        infos = socket.getaddrinfo(
+            listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ConfigError(f"listen: cannot resolve {listen.host!r}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    addresses: list[tuple[int, str, int]] = []
+    port = listen.port
+    seen = set()
+    for family, _type, _proto, _name, sockaddr in infos:
+        host = str(sockaddr[0])
+        if (family, host) in seen:
+            continue
+        seen.add((family, host))
+        reserved = socket.socket(family, socket.SOCK_STREAM)
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            reserved.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            reserved.bind((host, port))
+        except OSError as exc:
+            reserved.close()
+            for other in sockets:
+                other.close()
+            raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        port = reserved.getsockname()[1]  # port 0: every address shares the first choice
+        sockets.append(reserved)
+        addresses.append((int(family), host, port))
+    return sockets, addresses
+
+
+@dataclass
+class _Worker:
+    number: int
+    process: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.monotonic)
+
+
+class Supervisor:
+    def __init__(self, command: list[str], count: int, listen: Address) -> None:
+        if count < 1:
+            raise ConfigError(f"--workers: must be at least 1, got {count}")
+        self._command = command
+        self._count = count
+        self._listen = listen
+        self._ready: set[int] = set()
+        self._ready_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def _spawn(self, number: int, addresses: list[tuple[int, str, int]], ready_fd: int) -> _Worker:
+        env = {
+            **os.environ,
+            WORKER_LISTEN_ENV: json.dumps(addresses),
+            READY_FD_ENV: str(ready_fd),
+        }
+        process = subprocess.Popen(self._command, env=env, pass_fds=(ready_fd,))
+        log.info(
+            f"worker {number} started (pid {process.pid})",
+            extra={
+                "fields": {"event": "worker_started", "worker": number, "worker_pid": process.pid}
+            },
+        )
+        return _Worker(number, process)
+
+    def _read_ready(self, read_fd: int) -> None:
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            buffer = b""
+            while chunk := pipe.read(64):
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    with self._ready_lock:
+                        self._ready.add(int(line))
+
+    def run(self) -> int:
+        reserved, addresses = reserve(self._listen)
+        read_fd, write_fd = os.pipe()
+        threading.Thread(target=self._read_ready, args=(read_fd,), daemon=True).start()
+        previous = {
+            signum: signal.signal(signum, lambda *_: self._stopping.set())
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        }
+        previous[signal.SIGHUP] = signal.signal(
+            signal.SIGHUP, lambda *_: self._forward(signal.SIGHUP, workers)
+        )
+        # Workers start one after another: each logs in to the token while no other worker
+        # of this host does (an HSM sees no burst of logins; SoftHSM2's file store is not
+        # read while another process writes it).
+        workers = [self._spawn(1, addresses, write_fd)]
+        announced = False
+        failures = 0
+        try:
+            while not self._stopping.wait(0.1):
+                with self._ready_lock:
+                    ready = {w.process.pid for w in workers} & self._ready
+                if len(workers) < self._count and len(ready) == len(workers):
+                    workers.append(self._spawn(len(workers) + 1, addresses, write_fd))
+                    continue
+                if not announced and len(ready) == self._count:
+                    announced = True
+                    for _family, host, port in addresses:
+                        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                        log.info(
+                            f"serving https://{shown} with {len(workers)} workers",
+                            extra={"fields": {"event": "workers_ready"}},
+                        )
+                for index, worker in enumerate(workers):
+                    status = worker.process.poll()
+                    if status is None:
+                        continue
+                    with self._ready_lock:
+                        was_ready = worker.process.pid in self._ready
+                    if not was_ready and not announced:
+                        log.error(
+                            f"worker {worker.number} (pid {worker.process.pid}) failed to start "
+                            f"(exit status {status}); stopping",
+                            extra={"fields": {"event": "worker_failed"}},
+                        )
+                        return status or 1
+                    young = time.monotonic() - worker.started < _YOUNG_SECONDS
+                    failures = failures + 1 if young else 0
+                    delay = min(_MAX_RESTART_DELAY, 0.5 * 2**failures) if failures else 0.0
+                    log.warning(
+                        f"worker {worker.number} (pid {worker.process.pid}) exited with status "
+                        f"{status}; starting a replacement" + (f" in {delay:g}s" if delay else ""),
+                        extra={"fields": {"event": "worker_exited", "worker": worker.number}},
+                    )
+                    if delay and self._stopping.wait(delay):
+                        break
+                    workers[index] = self._spawn(worker.number, addresses, write_fd)
+            log.info("stopping workers")
+            return 0
+        finally:
+            self._stop(workers)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            os.close(write_fd)
+            for sock in reserved:
+                sock.close()
+
+    @staticmethod
+    def _forward(signum: int, workers: list[_Worker]) -> None:
+        """SIGHUP (reload): every worker reloads its own config and secrets."""
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signum)
+
+    @staticmethod
+    def _stop(workers: list[_Worker]) -> None:
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE_SECONDS
+        for worker in workers:
+            try:
+                worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+
+
+def worker_command(config: Path, log_level: str, log_format: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "proxy",
+        "--log-level",
+        log_level,
+        "--log-format",
+        log_format,
+        "run",
+        "--config",
+        str(config),
+    ]
