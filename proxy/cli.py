@@ -207,7 +207,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     # The supervisor never loads the PKCS#11 module: each spawned worker does (workers.py).
     command = worker_command(path.resolve(), args.log_level, args.log_format)
-    return Supervisor(command, args.workers, config.listen).run()
+    return Supervisor(command, args.workers, config.listen, config.http.shutdown_grace).run()
 
 
 def _reload(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ from proxy.logs import log
 
 WORKER_LISTEN_ENV = "HSM_PROXY_WORKER_LISTEN"
 READY_FD_ENV = "HSM_PROXY_READY_FD"
-_STOP_GRACE_SECONDS = 30.0
+_STOP_MARGIN_SECONDS = 5.0  # beyond the workers' own shutdown grace
 _YOUNG_SECONDS = 5.0
 _MAX_RESTART_DELAY = 30.0
 
@@ -106,12 +106,15 @@ class _Worker:
 
 
 class Supervisor:
-    def __init__(self, command: list[str], count: int, listen: Address) -> None:
+    def __init__(
+        self, command: list[str], count: int, listen: Address, shutdown_grace: float = 30.0
+    ) -> None:
         if count < 1:
             raise ConfigError(f"--workers: must be at least 1, got {count}")
         self._command = command
         self._count = count
         self._listen = listen
+        self._stop_grace = shutdown_grace + _STOP_MARGIN_SECONDS
         self._ready: set[int] = set()
         self._ready_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -214,12 +217,11 @@ class Supervisor:
             if worker.process.poll() is None:
                 worker.process.send_signal(signum)
 
-    @staticmethod
-    def _stop(workers: list[_Worker]) -> None:
+    def _stop(self, workers: list[_Worker]) -> None:
         for worker in workers:
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE_SECONDS
+        deadline = time.monotonic() + self._stop_grace
         for worker in workers:
             try:
                 worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
