@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trustme
 
+from tests.faulthsm import build as build_faulthsm
 from tests.support import (
     HSM,
     ProxyFactory,
@@ -43,6 +44,12 @@ def hsm() -> HSM:
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
     return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def faulthsm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """libfaulthsm.so (tests/faulthsm/faulthsm.c), built with the system C compiler."""
+    return build_faulthsm(tmp_path_factory.mktemp("faulthsm"))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import trustme
 
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-from tests.faulthsm import build, read_stats
+from tests.faulthsm import read_stats
 from tests.support import (
     HSM,
     REPO,
@@ -29,11 +29,6 @@ from tests.support import (
     run_cli,
     write_config,
 )
-
-
-@pytest.fixture(scope="module")
-def faulthsm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tmp_path_factory.mktemp("faulthsm-policy"))
 
 
 def _config(**token: object) -> dict[str, Any]:

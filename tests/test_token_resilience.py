@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.faulthsm import FaultControl, build, read_stats
+from tests.faulthsm import FaultControl, read_stats
 from tests.support import (
     HSM,
     TOKEN_PIN,
@@ -26,11 +26,6 @@ from tests.support import (
     client_context,
     https_request,
 )
-
-
-@pytest.fixture(scope="session")
-def faulthsm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tmp_path_factory.mktemp("faulthsm"))
 
 
 @pytest.fixture
