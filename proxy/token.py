@@ -976,7 +976,9 @@ class Token:
             self._observer(
                 SignatureEvent(uri, mechanism, False, time.perf_counter() - started, reason)
             )
-            raise SigningError(f"token {self.label!r} failed to sign: {reason}") from None
+            raise SigningError(
+                f"token {self.label!r} failed to sign with CKM_{mechanism.value}: {reason}"
+            ) from None
         except SigningError as exc:
             self._observer(
                 SignatureEvent(uri, mechanism, False, time.perf_counter() - started, str(exc))

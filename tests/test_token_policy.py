@@ -191,3 +191,17 @@ def test_workers_that_cannot_start_stop_the_supervisor_with_the_reason(
     assert "failed to start" in output
     assert "worker 2" not in output  # workers start one at a time: the second never did
     assert "not-the-pin-3131" not in output
+
+
+def test_a_token_without_the_mechanism_a_key_needs_is_named_at_start_up(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream, faulthsm: Path
+) -> None:
+    config = write_config(tmp_path, hsm, ca, upstream.url, "ec256", module=str(faulthsm))
+    result = run_cli(
+        "check",
+        "--config",
+        str(config),
+        env={"FAULTHSM_MODULE": hsm.module, "FAULTHSM_HIDE": "CKM_ECDSA"},
+    )
+    assert result.returncode == 1
+    assert "failed to sign with CKM_ECDSA: MechanismInvalid" in result.stderr
