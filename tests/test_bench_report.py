@@ -1,0 +1,62 @@
+"""The bench's result files have the schema the issue asks for (made-up numbers; the bench
+itself never runs in the test suite: speed belongs in bench/, not in tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.report import Run, Unavailable, write_results
+
+KEYS = {"scenario", "contender", "unit", "median", "min", "max"}
+
+
+def test_results_json_has_the_issue_schema_with_median_min_max(tmp_path: Path) -> None:
+    runs = [
+        Run("1", "proxy", rep, {"handshakes/s": value, "handshakes/s per core": value * 2})
+        for rep, value in enumerate([900.0, 1100.0, 1000.0])
+    ] + [
+        Run("1", "nginx-engine", rep, {"handshakes/s": value, "handshakes/s per core": value})
+        for rep, value in enumerate([2000.0, 2200.0, 2100.0])
+    ]
+    unavailable = [Unavailable("2a", "proxy", "no delaying module")]
+
+    write_results(tmp_path, runs, unavailable, ["a test machine"])
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all(set(entry) == KEYS for entry in results)
+    assert {entry["scenario"] for entry in results} <= {"1", "2a", "2b", "3", "4", "5", "6"}
+    assert {entry["contender"] for entry in results} <= {
+        "proxy",
+        "proxy-2w",
+        "nginx",
+        "nginx-engine",
+    }
+    proxy_rate = next(
+        entry
+        for entry in results
+        if (entry["scenario"], entry["contender"], entry["unit"]) == ("1", "proxy", "handshakes/s")
+    )
+    assert (proxy_rate["median"], proxy_rate["min"], proxy_rate["max"]) == (1000, 900, 1100)
+    missing = next(entry for entry in results if entry["scenario"] == "2a")
+    assert (missing["contender"], missing["median"], missing["min"], missing["max"]) == (
+        "proxy",
+        None,
+        None,
+        None,
+    )
+
+
+def test_results_markdown_shows_ratios_and_unavailable_scenarios(tmp_path: Path) -> None:
+    runs = [
+        Run("1", "proxy", 0, {"handshakes/s per core": 1500.0}),
+        Run("1", "nginx-engine", 0, {"handshakes/s per core": 2000.0}, disturbed=True),
+    ]
+    write_results(tmp_path, runs, [Unavailable("2b", "proxy", "no delaying module")], ["m"])
+
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| 1 | handshakes/s per core | nginx-engine | 0.75x | >= 0.5x | yes |" in text
+    assert "proxy: not available yet (no delaying module)" in text
+    assert "1 flagged as disturbed" in text
+    raw = json.loads((tmp_path / "runs.json").read_text())
+    assert [run["disturbed"] for run in raw["runs"]] == [False, True]
