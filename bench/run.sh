@@ -24,4 +24,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
     "${sudo_cmd[@]}" systemctl stop nginx || true
   fi
 fi
+# Profiling tools live in their own virtualenv, never in the project's .venv.
+for arg in "$@"; do
+  if [ "$arg" = --profile ] && [ ! -x bench/.tools/bin/py-spy ]; then
+    /usr/bin/python3 -m venv bench/.tools
+    bench/.tools/bin/pip install -q py-spy pyinstrument
+  fi
+done
 exec .venv/bin/python -m bench "$@"

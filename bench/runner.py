@@ -63,6 +63,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 HSM_PROXY = REPO / ".venv" / "bin" / "hsm-proxy"
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+PY_SPY = BENCH / ".tools" / "bin" / "py-spy"  # bench/run.sh --profile DIR installs it
 ENGINE_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so",
     "/usr/lib/aarch64-linux-gnu/engines-3/pkcs11.so",
@@ -75,7 +76,10 @@ PROXY_SESSIONS = 16
 CONNECTIONS = 32  # wrk connections for scenarios 1, 2, 3 and 6
 THROUGHPUT_CONNECTIONS = 8  # scenario 4
 IDLE_CONNECTIONS = 5000  # scenario 5
-FOREIGN_LIMIT = 0.15  # cores of CPU used by others during a run before it counts as disturbed
+# Foreign CPU (used by processes not ours) during a run before it counts as disturbed: on
+# the whole machine, in cores, and on the front end's core, as a share of that core.
+FOREIGN_LIMIT = 0.25
+FOREIGN_FRONT_LIMIT = 0.10
 SMALL_BODY = b"x" * 99 + b"\n"  # 100 bytes
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DELAYS = {"2a": 2.0, "2b": 10.0}
@@ -120,11 +124,16 @@ def cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
     return result
 
 
-def machine_busy_seconds() -> float:
-    """Busy CPU time of the whole machine (all cores) since boot."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+def machine_busy_seconds(cores: str | None = None) -> float:
+    """Busy CPU time since boot of the whole machine, or of the listed cores ("0,2")."""
+    wanted = {f"cpu{core}" for core in cores.split(",")} if cores else {"cpu"}
+    total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name in wanted:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, values[:8])
+            total += user + nice + system + irq + softirq + steal
+    return total / CLOCK_TICKS
 
 
 def rss_kib(pids: Sequence[int]) -> int:
@@ -399,6 +408,7 @@ class ProxyContender(Contender):
     def __init__(self, *args: Any, workers: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.workers = workers
+        self.log_level = "info"  # the audit lines are how the bench counts token signatures
 
     def start(self) -> None:
         self.port = free_port()
@@ -414,7 +424,7 @@ class ProxyContender(Contender):
             f'certificate = "{self.material.token_chain}"\n'
             f'key = "{self.material.key_uri}"\n'
         )
-        argv = [str(HSM_PROXY), "--log-format", "json", "--log-level", "info", "run"]
+        argv = [str(HSM_PROXY), "--log-format", "json", "--log-level", self.log_level, "run"]
         argv += ["--config", str(config)]
         if self.workers > 1:
             argv += ["--workers", str(self.workers)]
@@ -425,13 +435,16 @@ class ProxyContender(Contender):
         return self.log.stat().st_size
 
     def handshakes_since(self, mark: int) -> dict[str, int]:
-        signatures = 0
+        signatures = failures = 0
         with self.log.open("rb") as log:
             log.seek(mark)
             for line in log:
                 if b'"token_signature"' in line and b'"connection_id"' in line:
-                    signatures += 1
-        return {"token_signatures": signatures}
+                    if b'"result": "ok"' in line:
+                        signatures += 1
+                    else:
+                        failures += 1
+        return {"token_signatures": signatures, "failed_token_signatures": failures}
 
 
 class NginxContender(Contender):
@@ -573,6 +586,7 @@ class Window:
     back: dict[int, float] = field(default_factory=dict)
     client: float = 0.0
     own: float = 0.0
+    front_busy: float = 0.0
 
     def __enter__(self) -> Window:
         self.front = cpu_seconds(self.contender.pids())
@@ -580,12 +594,14 @@ class Window:
         self.client = children_cpu_seconds()
         self.own = sum(cpu_seconds([os.getpid()]).values())
         self.busy = machine_busy_seconds()
+        self.front_busy = machine_busy_seconds(self.contender.cores)
         self.started = time.monotonic()
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.wall = time.monotonic() - self.started
         busy = machine_busy_seconds() - self.busy
+        front_busy = machine_busy_seconds(self.contender.cores) - self.front_busy
 
         def used(before: dict[int, float], after: dict[int, float]) -> float:
             return sum(after[pid] - before.get(pid, 0.0) for pid in after)
@@ -597,6 +613,15 @@ class Window:
         ours = self.front_cpu + back_cpu + self.client_cpu + own_cpu
         self.foreign_cores = max(0.0, busy - ours) / self.wall
         self.front_share = self.front_cpu / self.wall
+        # Others on the front end's own core(s) (the client and backend run elsewhere,
+        # unless there are only two cores and the front end has both, as proxy-2w does).
+        self.foreign_front = max(0.0, front_busy - self.front_cpu) / self.wall
+        if len(self.contender.cores.split(",")) > 1:
+            self.foreign_front = self.foreign_cores
+
+    @property
+    def disturbed(self) -> bool:
+        return self.foreign_front > FOREIGN_FRONT_LIMIT or self.foreign_cores > FOREIGN_LIMIT
 
 
 class Bench:
@@ -698,6 +723,7 @@ class Bench:
                 self.cores, contender.port, path, connections, 1, close=close, noresume=noresume
             )
         mark = contender.log_mark()
+        profiler = self.start_profiler(contender, scenario, repetition)
         with Window(contender, self.backend) as window:
             result = run_wrk(
                 self.cores,
@@ -708,8 +734,12 @@ class Bench:
                 close=close,
                 noresume=noresume,
             )
+        if profiler is not None:
+            profiler.wait()
         time.sleep(0.2)  # let the last log lines land
         counts = contender.handshakes_since(mark)
+        if scenario in ("3", "4") and isinstance(contender, NginxContender):
+            counts = {}  # $ssl_session_reused is per request: it says nothing here
         requests = result["requests"]
         duration = result["duration_us"] / 1e6
         rate = requests / duration
@@ -740,6 +770,7 @@ class Bench:
             "client_errors": result["errors"],
             "frontend_cpu_share": round(window.front_share, 3),
             "client_cpu_share": round(window.client_cpu / window.wall, 3),
+            "foreign_cpu_on_frontend_core": round(window.foreign_front, 3),
             **counts,
         }
         run = Run(
@@ -749,13 +780,38 @@ class Bench:
             {unit: round(value, 3) for unit, value in figures.items()},
             checks,
             round(window.foreign_cores, 3),
-            window.foreign_cores > FOREIGN_LIMIT,
+            window.disturbed,
         )
         say(
             f"  {scenario} {name:<13} rep {repetition}: {_brief(figures)} {counts} "
-            f"cpu {window.front_share:.2f} foreign {window.foreign_cores:.2f}"
+            f"cpu {window.front_share:.2f} client {window.client_cpu / window.wall:.2f} "
+            f"foreign {window.foreign_cores:.2f} (front core {window.foreign_front:.2f})"
         )
         return run
+
+    def start_profiler(
+        self, contender: Contender, scenario: str, repetition: int
+    ) -> subprocess.Popen[bytes] | None:
+        """With --profile: py-spy (from bench/.tools) samples the proxy during the run."""
+        if not self.args.profile or not isinstance(contender, ProxyContender):
+            return None
+        assert contender.process is not None
+        output = self.args.profile / f"{contender.name}-s{scenario}-r{repetition}.txt"
+        self.args.profile.mkdir(parents=True, exist_ok=True)
+        argv = [
+            "taskset",
+            "-c",
+            self.cores.client,
+            str(PY_SPY),
+            "record",
+            "--nonblocking",
+            "--threads",
+            "--format",
+            "raw",
+        ]
+        argv += ["--rate", "250", "--duration", str(max(1, round(self.args.seconds)))]
+        argv += ["--output", str(output), "--pid", str(contender.process.pid)]
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def measure_memory(self, contender: Contender, name: str, repetition: int) -> Run:
         contender.restart()  # a fresh process: memory freed by earlier runs would hide costs
@@ -804,7 +860,7 @@ class Bench:
                 "client_errors": errors.strip()[:300],
             },
             round(window.foreign_cores, 3),
-            window.foreign_cores > FOREIGN_LIMIT,
+            window.disturbed,
         )
         say(f"  5 {name:<13} rep {repetition}: {_brief(figures)} open {opened}")
         return run
@@ -892,6 +948,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=BENCH, help="where results go")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="record py-spy profiles of the proxy here"
+    )
     parser.add_argument("--note", action="append", default=[], help="a line for RESULTS.md")
     args = parser.parse_args(argv)
     if args.quick:

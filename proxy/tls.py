@@ -23,7 +23,15 @@ Handshake steps run in a worker thread (``trio.to_thread.run_sync``) bounded by 
 to sign (DESIGN.md, decision 3), and a slow token must not freeze the event loop. Once the
 token has signed for a handshake, its remaining steps leave the limiter to the handshakes
 still waiting. When ``max_waiting`` handshakes already wait for the limiter, a new one is
-refused at once (a bounded queue instead of a pile-up until the handshake timeout).
+refused at once (a bounded queue instead of a pile-up until the handshake timeout). Once our
+Finished message is out nothing in the handshake can sign any more, so the remaining steps
+(the client's Finished, session tickets) run inline and save a thread round trip.
+
+The pumping avoids work on the per-request path: the output BIO is asked how much it holds
+(``BIO_ctrl_pending``) instead of being read until OpenSSL says "want read", a receive with
+nothing buffered goes straight to the transport instead of first letting ``recv`` fail, and
+a free lock is taken without a trip through the scheduler (the transport call that follows
+is the checkpoint).
 
 Several certificates (SNI): each served chain has its own context with its own token key.
 :func:`attach_sni_routes` hangs a :class:`SNIRouter` on the default context (its app data);
@@ -58,6 +66,7 @@ import cffi
 import trio
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _pyopenssl_ffi
+from OpenSSL._util import lib as _lib
 
 from proxy.certificates import Chain
 from proxy.errors import SecretError, TLSError
@@ -82,6 +91,15 @@ TLS12_CIPHERS = b":".join(
 ALPN_HTTP11 = b"http/1.1"
 _RECEIVE_SIZE = 65536
 _SEND_CHUNK = 16384 * 4
+
+
+async def _acquire(lock: trio.Lock) -> None:
+    """Take a free lock without a trip through the scheduler (``Lock.acquire`` makes one even
+    when the lock is free); the transport call that follows is the checkpoint."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
 
 
 def _choose_alpn(_connection: SSL.Connection, offered: list[bytes]) -> Any:
@@ -188,6 +206,10 @@ class TLSStream(trio.abc.Stream):
         self._connection = SSL.Connection(context, None)
         self._connection.set_app_data(self)
         self._connection.set_accept_state()
+        # pyOpenSSL's handles, for the BIO and pending-data queries it has no API for.
+        self._ssl = self._connection._ssl
+        self._into_ssl = self._connection._into_ssl
+        self._from_ssl = self._connection._from_ssl
         self._sign_limiter = sign_limiter
         # How many handshakes may wait for a token session; beyond it, refuse at once.
         self._max_waiting = max_waiting
@@ -201,25 +223,33 @@ class TLSStream(trio.abc.Stream):
     # -- moving bytes between the BIOs and the transport --------------------------------
 
     def _take_outgoing(self) -> bytes:
-        chunks = []
-        while True:
-            try:
-                chunk = self._connection.bio_read(_RECEIVE_SIZE)
-            except SSL.WantReadError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+        # Ask the memory BIO how much it holds and read exactly that: no "want read"
+        # exception for the usual case of an empty BIO.
+        pending = _lib.BIO_ctrl_pending(self._from_ssl)
+        if not pending:
+            return b""
+        return self._connection.bio_read(pending)  # type: ignore[no-any-return]
+
+    def _must_feed(self) -> bool:
+        """True when OpenSSL cannot make progress without more bytes from the peer: its
+        input BIO is empty and it holds no decrypted data. (Without read-ahead OpenSSL takes
+        one record at a time from the BIO, so it never sits on a whole undecrypted record.)"""
+        return not _lib.BIO_ctrl_pending(self._into_ssl) and not _lib.SSL_pending(self._ssl)
 
     async def _flush(self) -> None:
-        async with self._send_lock:
+        if not _lib.BIO_ctrl_pending(self._from_ssl):
+            return  # nothing to send: no lock, no checkpoint
+        await _acquire(self._send_lock)
+        try:
             while data := self._take_outgoing():
                 await self.transport.send_all(data)
+        finally:
+            self._send_lock.release()
 
     async def _feed_incoming(self, seen: int) -> bool:
         """Give OpenSSL more bytes from the peer; False at the end of the stream."""
-        async with self._receive_lock:
+        await _acquire(self._receive_lock)
+        try:
             if self._incoming_count != seen:
                 return True  # another task fed data while we waited: just retry
             data = await self.transport.receive_some(_RECEIVE_SIZE)
@@ -229,12 +259,14 @@ class TLSStream(trio.abc.Stream):
                 return False
             self._connection.bio_write(data)  # type: ignore[arg-type] # any buffer works
             return True
+        finally:
+            self._receive_lock.release()
 
     # -- handshake -----------------------------------------------------------------------
 
     def _handshake_step(self) -> str | None:
-        """One ``do_handshake`` call (in a worker thread): None when done, "want-read",
-        or the reason it failed."""
+        """One ``do_handshake`` call (in a worker thread while it may sign): None when
+        done, "want-read", or the reason it failed."""
         try:
             self._connection.do_handshake()
         except SSL.WantReadError:
@@ -259,12 +291,17 @@ class TLSStream(trio.abc.Stream):
             )
         while True:
             seen = self._incoming_count
-            # Steps up to the one that signed run under the token's limiter; once the
-            # signature is made, the rest of the handshake (reading the client's flight)
-            # no longer waits behind handshakes that queue for the token.
-            outcome = await trio.to_thread.run_sync(
-                self._handshake_step, limiter=None if self._signed else self._sign_limiter
-            )
+            if self._connection.get_finished() is None:
+                # Steps up to the one that signed run under the token's limiter; once the
+                # signature is made, the rest of the handshake (reading the client's flight)
+                # no longer waits behind handshakes that queue for the token.
+                outcome = await trio.to_thread.run_sync(
+                    self._handshake_step, limiter=None if self._signed else self._sign_limiter
+                )
+            else:
+                # Our Finished is out (TLS 1.3, or a resumed 1.2 session): what is left
+                # (the client's Finished, session tickets) never signs, so no thread hop.
+                outcome = self._handshake_step()
             try:
                 await self._flush()  # the server flight, or an alert explaining a failure
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -297,6 +334,10 @@ class TLSStream(trio.abc.Stream):
             await self.do_handshake()
         while True:
             seen = self._incoming_count
+            if self._must_feed():
+                if not await self._feed_incoming(seen):
+                    return b""
+                continue
             try:
                 data: bytes = self._connection.recv(max_bytes or _RECEIVE_SIZE)
             except SSL.WantReadError:
