@@ -174,9 +174,10 @@ def markdown(
     lines = ["# Benchmark results", "", "Machine and run:", ""]
     lines += [f"- {line}" for line in machine]
     disturbed = sum(1 for run in runs if run.disturbed)
+    failing = sum(1 for run in runs if run.checks.get("client_error_share", 0) > 0.01)
     lines += [
-        f"- {len(runs)} measurements, {disturbed} flagged as disturbed by foreign CPU use "
-        "(see `runs.json`)",
+        f"- {len(runs)} measurements, {disturbed} flagged as disturbed by foreign CPU use, "
+        f"{failing} with client errors above 1% (see `runs.json`)",
         "",
         'Each figure: median of the repetitions, [min - max]. "per core" divides the rate by '
         "the share of one CPU the front end used (all its processes and threads) during the "

@@ -768,6 +768,10 @@ class Bench:
         checks = {
             "client_requests": requests,
             "client_errors": result["errors"],
+            "client_error_share": round(
+                sum(result["errors"].values()) / max(requests + sum(result["errors"].values()), 1),
+                4,
+            ),
             "frontend_cpu_share": round(window.front_share, 3),
             "client_cpu_share": round(window.client_cpu / window.wall, 3),
             "foreign_cpu_on_frontend_core": round(window.foreign_front, 3),
@@ -854,6 +858,7 @@ class Bench:
             repetition,
             {unit: round(value, 3) for unit, value in figures.items()},
             {
+                "client_error_share": round(1 - opened / IDLE_CONNECTIONS, 4),
                 "connections_open": opened,
                 "rss_before_kib": before,
                 "rss_after_kib": after,
