@@ -633,6 +633,7 @@ class Bench:
         self.unavailable: list[Unavailable] = []
         self.contenders: dict[tuple[str, str], Contender] = {}
         self.started: list[Pinned] = []
+        self.incidents: list[str] = []
 
     # setting up
 
@@ -710,6 +711,15 @@ class Bench:
 
     def measure(self, scenario: str, name: str, repetition: int) -> Run:
         contender = self.contenders[(name, scenario if scenario in DELAYS else "plain")]
+        assert contender.process is not None
+        if contender.process.poll() is not None:
+            incident = (
+                f"{contender.name} exited with status {contender.process.returncode} before "
+                f"scenario {scenario} repetition {repetition + 1}; restarted"
+            )
+            say(incident)
+            self.incidents.append(incident)
+            contender.restart()
         seconds = self.args.seconds
         if scenario == "5":
             return self.measure_memory(contender, name, repetition)
@@ -933,6 +943,7 @@ class Bench:
             "full handshakes forced with bench/noresume.c preloaded into wrk; checked on the "
             "server side (proxy: token_signature audit lines; nginx: $ssl_session_reused)",
             *self.args.note,
+            *(f"incident: {incident}" for incident in self.incidents),
         ]
 
 
