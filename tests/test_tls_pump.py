@@ -1,0 +1,100 @@
+"""The TLS stream's pumping paths that the benchmark tuned: a large body written in one
+``send_all`` (several records, sent in batches, under the send lock) while the other side
+talks too, and handshakes whose later steps run inline (full and resumed TLS 1.3)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from proxy.certificates import check_key_matches, parse_chain
+from proxy.tls import TLSStream, build_server_context
+from proxy.token import Token
+from tests.support import HSM, TOKEN_PIN, ProxyFactory, RecordingUpstream, issue_chain
+
+
+@pytest.fixture
+def context(hsm: HSM, ca: trustme.CA):  # type: ignore[no-untyped-def]
+    token = Token(hsm.module, hsm.uri("ec256"), TOKEN_PIN, pool_size=2)
+    key = token.find_private_key(hsm.uri("ec256"))
+    chain = parse_chain(issue_chain(ca, hsm.public_keys["ec256"]), "test chain")
+    check_key_matches(chain, key)
+    yield build_server_context(chain, key)
+    token.close()
+
+
+def test_one_large_send_arrives_whole_while_the_peer_talks(context, ca: trustme.CA) -> None:  # type: ignore[no-untyped-def]
+    body = bytes(range(251)) * 12_000  # about 3 MiB, not a multiple of any chunk size
+    question = b"are you there?" * 5000
+
+    async def main() -> None:
+        client_transport, server_transport = trio.testing.memory_stream_pair()
+        client_ssl = ssl.create_default_context()
+        ca.configure_trust(client_ssl)
+        client = trio.SSLStream(client_transport, client_ssl, server_hostname="localhost")
+        server = TLSStream(server_transport, context, trio.CapacityLimiter(1))
+        received = bytearray()
+        heard = bytearray()
+
+        async def server_sends() -> None:
+            await server.send_all(body)
+
+        async def server_listens() -> None:
+            while len(heard) < len(question):
+                heard.extend(await server.receive_some())
+
+        async def client_talks() -> None:
+            await client.send_all(question)
+
+        async def client_reads() -> None:
+            while len(received) < len(body):
+                received.extend(await client.receive_some())
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.do_handshake)
+                await server.do_handshake()
+            async with trio.open_nursery() as nursery:
+                for task in (server_sends, server_listens, client_talks, client_reads):
+                    nursery.start_soon(task)
+        assert bytes(received) == body
+        assert bytes(heard) == question
+
+    trio.run(main)
+
+
+def _get(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = context.wrap_socket(raw, server_hostname="localhost", session=session)
+    tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += tls.recv(65536)
+    assert data.startswith(b"HTTP/1.1 200")
+    return tls
+
+
+def test_resumed_tls13_handshakes_cost_no_signature(
+    proxy_factory: ProxyFactory, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    proxy = proxy_factory("ec256")
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    client.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    first = _get(proxy.port, client, None)
+    session = first.session  # the tickets came before the response, read with it
+    first.close()
+    assert proxy.signatures() == 1
+
+    for _ in range(3):
+        again = _get(proxy.port, client, session)
+        assert again.session_reused
+        again.close()
+    assert proxy.signatures() == 1
+    assert len(upstream.requests) == 4
