@@ -51,13 +51,16 @@ def test_results_markdown_shows_ratios_and_unavailable_scenarios(tmp_path: Path)
     runs = [
         Run("1", "proxy", 0, {"handshakes/s per core": 1500.0}),
         Run("1", "nginx-engine", 0, {"handshakes/s per core": 2000.0}, disturbed=True),
-        Run("3", "proxy", 0, {"requests/s": 10.0}, checks={"client_error_share": 0.05}),
+        Run("3", "proxy", 0, {"requests/s": 10.0}, failed=True),
+        Run("3", "proxy", 1, {"requests/s": 3000.0}),
     ]
     write_results(tmp_path, runs, [Unavailable("2b", "proxy", "no delaying module")], ["m"])
 
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| 1 | handshakes/s per core | nginx-engine | 0.75x | >= 0.5x | yes |" in text
     assert "proxy: not available yet (no delaying module)" in text
-    assert "1 flagged as disturbed by foreign CPU use, 1 with client errors above 1%" in text
+    assert "1 flagged as disturbed by foreign CPU use, 1 failed" in text
+    assert "| proxy | requests/s | 3,000 | 3,000 - 3,000 |" in text  # the failed run left out
     raw = json.loads((tmp_path / "runs.json").read_text())
-    assert [run["disturbed"] for run in raw["runs"]] == [False, True, False]
+    assert [run["disturbed"] for run in raw["runs"]] == [False, True, False, False]
+    assert [run["failed"] for run in raw["runs"]] == [False, False, True, False]
