@@ -927,14 +927,22 @@ class Bench:
         for line in Path("/etc/os-release").read_text().splitlines():
             if line.startswith("PRETTY_NAME="):
                 os_name = line.split("=", 1)[1].strip('"')
+
+        def package(name: str) -> str:
+            completed = subprocess.run(
+                ["dpkg-query", "-W", "-f", "${Version}", name],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            return completed.stdout.strip() or "?"
+
         versions = {
-            "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False)
-            .stderr.strip()
-            .split("/")[-1],
-            "OpenSSL": subprocess.run(
-                ["openssl", "version"], capture_output=True, text=True, check=False
-            ).stdout.split()[1],
-            "wrk": "4.x (Debian)",
+            "nginx": package("nginx-light"),
+            "libp11 engine": package("libengine-pkcs11-openssl"),
+            "SoftHSM2": package("softhsm2"),
+            "wrk": package("wrk"),
+            "OpenSSL": package("openssl"),
             "Python": platform.python_version(),
         }
         return [
