@@ -429,7 +429,9 @@ class ProxyContender(Contender):
             f"sessions = {PROXY_SESSIONS if self.delay_ms is None else PROXY_SESSIONS_DELAYED}\n\n"
             "[tls]\n"
             f'certificate = "{self.material.token_chain}"\n'
-            f'key = "{self.material.key_uri}"\n'
+            f'key = "{self.material.key_uri}"\n\n'
+            "[http]\n"
+            f"max_connections = {IDLE_CONNECTIONS * 3}\n"  # as nginx's worker_connections
         )
         argv = [str(HSM_PROXY), "--log-format", "json", "--log-level", self.log_level, "run"]
         argv += ["--config", str(config)]
