@@ -235,9 +235,12 @@ def markdown(
                 f"| {entry['contender']} | {entry['unit']} | {_number(entry['median'])} | "
                 f"{spread} |"
             )
+        reasons: dict[str, list[str]] = {}
         for missing in unavailable:
             if missing.scenario == scenario:
-                lines.append(f"\n{missing.contender}: not available yet ({missing.reason}).")
+                reasons.setdefault(missing.reason, []).append(missing.contender)
+        for reason, names in reasons.items():
+            lines.append(f"\n{', '.join(names)}: not available yet ({reason}).")
     lines.append("")
     return "\n".join(lines)
 
