@@ -7,28 +7,17 @@ from __future__ import annotations
 import socket
 import ssl
 
-import pytest
 import trio
 import trio.testing
 import trustme
 
-from proxy.certificates import check_key_matches, parse_chain
-from proxy.tls import TLSStream, build_server_context
-from proxy.token import Token
-from tests.support import HSM, TOKEN_PIN, ProxyFactory, RecordingUpstream, issue_chain
+from proxy.tls import TLSStream
+from tests.support import ProxyFactory, RecordingUpstream
+from tests.test_tls_stream import server_context  # noqa: F401 - the same token-key context
 
 
-@pytest.fixture
-def context(hsm: HSM, ca: trustme.CA):  # type: ignore[no-untyped-def]
-    token = Token(hsm.module, hsm.uri("ec256"), TOKEN_PIN, pool_size=2)
-    key = token.find_private_key(hsm.uri("ec256"))
-    chain = parse_chain(issue_chain(ca, hsm.public_keys["ec256"]), "test chain")
-    check_key_matches(chain, key)
-    yield build_server_context(chain, key)
-    token.close()
-
-
-def test_one_large_send_arrives_whole_while_the_peer_talks(context, ca: trustme.CA) -> None:  # type: ignore[no-untyped-def]
+def test_one_large_send_arrives_whole_while_the_peer_talks(server_context, ca: trustme.CA) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    context, _token = server_context
     body = bytes(range(251)) * 12_000  # about 3 MiB, not a multiple of any chunk size
     question = b"are you there?" * 5000
 
