@@ -68,7 +68,7 @@ import cffi
 import trio
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _pyopenssl_ffi
-from OpenSSL._util import lib as _lib
+from OpenSSL._util import lib as _typed_lib
 
 from proxy.certificates import Chain
 from proxy.errors import SecretError, TLSError
@@ -78,6 +78,8 @@ from proxy.keybridge import (
     pop_signed,
     pop_signing_error,
 )
+
+_lib: Any = _typed_lib  # typed Optional in pyOpenSSL 25; always loaded here
 
 # TLS 1.2 suites: ECDHE key exchange and AEAD encryption only (TLS 1.3 suites are all AEAD).
 TLS12_CIPHERS = b":".join(
