@@ -40,6 +40,7 @@ packages=(python3 python3-venv python3-dev python3-openssl python3-cryptography 
           softhsm2 opensc openssl ca-certificates gcc libc6-dev)
 if [ "$with_tests" = 1 ]; then
   packages+=(curl)
+  packages+=(systemd)  # systemd-analyze verifies deploy/hsm-proxy.service
 fi
 
 missing=()

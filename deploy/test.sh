@@ -5,7 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
 deploy/setup.sh --test
-.venv/bin/ruff check proxy tests bench
-.venv/bin/ruff format --check proxy tests bench
+.venv/bin/ruff check proxy tests bench examples
+.venv/bin/ruff format --check proxy tests bench examples
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

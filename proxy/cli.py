@@ -32,12 +32,14 @@ from proxy.config import (
     ProxyConfig,
     TLSConfig,
     TokenConfig,
+    admin_config,
     load_config,
     parse_address,
     parse_upstream,
 )
-from proxy.errors import ProxyError
-from proxy.logs import audit_signature, log, setup_logging
+from proxy.errors import ConfigError, ProxyError
+from proxy.logs import audit_signature, connection_context, log, setup_logging
+from proxy.token import SignatureEvent
 
 if TYPE_CHECKING:
     from proxy.reload import Reloader, ReloadResult
@@ -82,6 +84,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="http://HOST:PORT to forward to (default: a built-in demo upstream)",
     )
+    dev.add_argument(
+        "--admin",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve /healthz, /readyz and /metrics on this loopback address (default: off)",
+    )
+    dev.add_argument(
+        "--admin-allow-public",
+        action="store_true",
+        help="allow --admin on a non-loopback address (the admin endpoint has no auth)",
+    )
 
     run = commands.add_parser("run", help="serve as a TOML config file says")
     run.add_argument("--config", type=Path, required=True)
@@ -113,8 +126,27 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config, its token, key and certificate")
     check.add_argument("--config", type=Path, required=True)
 
-    doctor = commands.add_parser("doctor", help="list the tokens and keys of a PKCS#11 module")
+    doctor = commands.add_parser(
+        "doctor", help="list the tokens, mechanisms and keys of a PKCS#11 module"
+    )
     doctor.add_argument("--module", required=True, help="path of the PKCS#11 module (.so)")
+    doctor_pin = doctor.add_mutually_exclusive_group()
+    doctor_pin.add_argument(
+        "--pin-file", type=Path, help="file holding the user PIN (to list and test keys)"
+    )
+    doctor_pin.add_argument(
+        "--pin-env", metavar="VARIABLE", help="environment variable holding the user PIN"
+    )
+    doctor.add_argument(
+        "--token", default=None, help="label of the token to log in to (when there are several)"
+    )
+    doctor.add_argument(
+        "--signatures",
+        type=int,
+        default=3,
+        metavar="N",
+        help="test signatures to time per key (default 3, 0 for none)",
+    )
     return parser
 
 
@@ -124,10 +156,22 @@ def _serve(
     reread: Callable[[], ProxyConfig] | None = None,
     pid_file: Path | None = None,
 ) -> int:
+    from proxy.admin import Operations
     from proxy.reload import GenerationHolder, Reloader, ReloadResult, build_generation
     from proxy.server import serve
 
-    generation = build_generation(config, audit_signature)
+    operations = Operations(config.admin)
+
+    def observe(event: SignatureEvent) -> None:
+        audit_signature(event)
+        operations.observe_signature(event)
+
+    # The start-up test signature's audit line says what it was for.
+    startup = connection_context.set({"purpose": "startup_check"})
+    try:
+        generation = build_generation(config, observe)
+    finally:
+        connection_context.reset(startup)
     log.info(
         f"token {generation.token.label!r}: key {generation.key.info.describe()} "
         f"({'never extractable' if generation.key.info.never_extractable else 'EXTRACTABLE'}), "
@@ -146,10 +190,16 @@ def _serve(
     status_file = _status_file(pid_file) if pid_file is not None else None
 
     def report(reloader: Reloader, result: ReloadResult) -> None:
+        operations.metrics.reload_finished(result.ok)
         if status_file is not None:
             _write_status(status_file, reloader, result)
 
-    reloader = Reloader(holder, reread or (lambda: config), audit_signature, on_result=report)
+    reloader = Reloader(holder, reread or (lambda: config), observe, on_result=report)
+
+    async def run_reloader() -> None:
+        # Test signatures of the generations a reload builds are audited as such.
+        connection_context.set({"purpose": "reload"})
+        await reloader.run()
 
     def ready(addresses: list[str]) -> None:
         if pid_file is not None and status_file is not None:
@@ -161,7 +211,16 @@ def _serve(
             print(line, file=sys.stderr, flush=True)
 
     try:
-        trio.run(partial(serve, holder, config.listen, ready, tasks=[reloader.run]))
+        trio.run(
+            partial(
+                serve,
+                holder,
+                config.listen,
+                ready,
+                tasks=[run_reloader],
+                operations=operations,
+            )
+        )
     finally:
         holder.close()
         for path in (pid_file, status_file):
@@ -204,6 +263,12 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--pid-file is for one process; with --workers, send SIGHUP to the supervisor "
             "(it passes it on to every worker) to reload"
+        )
+    if config.admin is not None:
+        raise ConfigError(
+            f"{path}: [admin] serves one process's metrics and readiness; with --workers "
+            f"{args.workers} every worker would bind {config.admin.listen}. Run one process "
+            "per container (and scale containers), or remove [admin]"
         )
     # The supervisor never loads the PKCS#11 module: each spawned worker does (workers.py).
     command = worker_command(path.resolve(), args.log_level, args.log_format)
@@ -268,6 +333,11 @@ def _dev(args: argparse.Namespace) -> int:
     listen = parse_address(args.listen, "--listen")
     upstream_url = args.upstream or start_demo_upstream()
     upstream = parse_upstream(upstream_url, "--upstream")
+    admin = None
+    if args.admin is not None:
+        admin = admin_config(
+            parse_address(args.admin, "--admin"), args.admin_allow_public, 10.0, "--admin"
+        )
     state = prepare_dev_state(state_dir)
     module = state.module
     if args.module:
@@ -281,6 +351,7 @@ def _dev(args: argparse.Namespace) -> int:
         upstream=upstream,
         token=TokenConfig(module=module, pin=state.pin),
         tls=TLSConfig(certificate=state.certificate, key=state.key_uri),
+        admin=admin,
         source="hsm-proxy dev",
     )
 
@@ -297,69 +368,45 @@ def _dev(args: argparse.Namespace) -> int:
             f"  try:      curl --cacert {state.ca} https://{host}:{port}/",
             f"  rotate:   replace {state.certificate.name} or pin in the state directory: "
             "both are watched and reloaded",
-        ]
+        ] + ([f"  admin:    curl http://{admin.listen}/metrics"] if admin is not None else [])
 
     return _serve(config, banner)
 
 
 def _check(args: argparse.Namespace) -> int:
-    from proxy.reload import build_generation
+    from proxy.checks import FAIL, format_rows, run_checks
 
-    config = load_config(args.config)
-    generation = build_generation(config, audit_signature)
+    purpose = connection_context.set({"purpose": "check"})
     try:
-        info = generation.key.info
-        rows = [
-            ("config", str(args.config)),
-            (
-                "token",
-                f"{generation.token.label!r} logged in, {generation.token.pool_size} sessions",
-            ),
-            ("key", f"{config.tls.key} -> {info.describe()}"),
-            (
-                "custody",
-                f"sensitive={info.sensitive} extractable={info.extractable} "
-                f"never_extractable={info.never_extractable}",
-            ),
-            (
-                "certificate",
-                f"{generation.chain.leaf.subject.rfc4514_string()}, "
-                f"{len(generation.chain.certificates)} in chain, valid until "
-                f"{generation.chain.not_after():%Y-%m-%d}",
-            ),
-            ("match", "certificate key == token key, test signature verified"),
-            (
-                "mechanisms",
-                ", ".join(sorted(m.value for m in generation.token.mechanisms)) or "none",
-            ),
-        ]
-        for site in generation.sites:
-            rows.append(
-                (
-                    "sni",
-                    f"{', '.join(site.names)} -> {site.key.uri} ({site.chain.source}, valid "
-                    f"until {site.chain.not_after():%Y-%m-%d}; key matches)",
-                )
-            )
-        if generation.ticket_keys:
-            rows.append(("tickets", f"{len(generation.ticket_keys)} session-ticket key(s)"))
-        for name, value in rows:
-            print(f"ok  {name:<12} {value}")
+        rows = run_checks(args.config, audit_signature)
     finally:
-        generation.close()
+        connection_context.reset(purpose)
+    print(format_rows(rows), flush=True)
+    failed = [row for row in rows if row.status == FAIL]
+    if failed:
+        print(
+            f"hsm-proxy: {args.config}: check failed ({', '.join(row.name for row in failed)})",
+            file=sys.stderr,
+        )
+        for row in failed:
+            print(f"hsm-proxy: error: {row.name}: {row.detail}", file=sys.stderr)
+        return 1
+    print(f"hsm-proxy: {args.config}: check is successful", file=sys.stderr)
     return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from proxy.token import list_tokens
+    from proxy.doctor import doctor_report
+    from proxy.secrets import PinSource
 
-    tokens = list_tokens(args.module)
-    if not tokens:
-        print(f"{args.module}: no initialised token")
-        return 1
-    for slot, label, serial in tokens:
-        print(f"slot {slot}: token {label!r} serial {serial!r}")
-    return 0
+    if args.signatures < 0:
+        raise ConfigError(f"--signatures: must be 0 or more, got {args.signatures}")
+    pin = None
+    if args.pin_file is not None or args.pin_env is not None:
+        pin = PinSource(file=args.pin_file, env=args.pin_env)
+    lines, healthy = doctor_report(args.module, pin, args.token, args.signatures)
+    print("\n".join(lines))
+    return 0 if healthy else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,11 +116,21 @@ class ReloadConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin listener (/healthz, /readyz, /metrics); off unless configured."""
+
+    listen: Address
+    allow_public: bool = False
+    probe_interval: float = 10.0
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     listen: Address
     upstream: UpstreamConfig
     token: TokenConfig
     tls: TLSConfig
+    admin: AdminConfig | None = None
     source: str = field(default="<flags>", compare=False)
     reload: ReloadConfig = field(default_factory=ReloadConfig)
     aws: AWSSettings = field(default_factory=AWSSettings)
@@ -174,6 +185,23 @@ def parse_upstream(text: str, where: str) -> UpstreamConfig:
     except ValueError:
         raise ConfigError(f"{where}: {text!r} has an invalid port") from None
     return UpstreamConfig(parts.hostname, port)
+
+
+def admin_config(
+    listen: Address, allow_public: bool, probe_interval: float, where: str
+) -> AdminConfig:
+    """The admin endpoint has no authentication: loopback only unless explicitly allowed."""
+    host = listen.host
+    loopback = host == "localhost"
+    with suppress(ValueError):
+        loopback = loopback or ipaddress.ip_address(host).is_loopback
+    if not loopback and not allow_public:
+        raise ConfigError(
+            f"{where}: {listen} is not a loopback address; the admin endpoint (/metrics, "
+            "/readyz) has no authentication, so it listens on 127.0.0.1 or ::1 unless "
+            "allow_public = true (for example for a Kubernetes probe on the pod IP)"
+        )
+    return AdminConfig(listen, allow_public, probe_interval)
 
 
 class _Table:
@@ -333,6 +361,18 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
         )
         aws_table.finish()
     http, upstreams, routes = _parse_http(root)
+    admin = None
+    if "admin" in data:
+        admin_table = root.table("admin")
+        admin = admin_config(
+            parse_address(admin_table.take("listen", str), "admin.listen"),
+            admin_table.take("allow_public", bool, False),
+            _positive(
+                admin_table.take("probe_interval", (int, float), 10.0), "admin.probe_interval"
+            ),
+            "admin.listen",
+        )
+        admin_table.finish()
     root.finish()
     return ProxyConfig(
         listen=listen,
@@ -352,6 +392,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
             sni=sni,
             session_ticket_keys=tuple(tickets),
         ),
+        admin=admin,
         source=source,
         reload=reload,
         aws=aws,

@@ -602,3 +602,14 @@ if __name__ == "__main__":  # deploy/setup.sh: python -m proxy.keybridge --verif
     except SystemOpenSSLError as error:
         print(f"hsm-proxy: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+# --- connection facts pyOpenSSL does not expose on every supported version ---------------
+
+_ffi.cdef("typedef struct ssl_st SSL; int SSL_session_reused(const SSL *s);")
+
+
+def session_reused(ssl_pointer: int) -> bool:
+    """Whether the handshake of the SSL at ``ssl_pointer`` resumed a session (pyOpenSSL 23
+    has no ``Connection.session_reused``)."""
+    return bool(_libssl.SSL_session_reused(_ffi.cast("SSL *", ssl_pointer)))

@@ -36,6 +36,11 @@ answers in-flight requests with ``Connection: close`` and gives them
 once.
 
 This module and upstream.py are the only ones that await on sockets.
+
+The admin listener (/healthz, /readyz, /metrics, when configured) is served here too, one
+request per connection, with answers from admin.py's sans-IO endpoint; so are the
+readiness probes (token test signatures in a worker thread, a TCP connection upstream).
+Metrics are counted through the small :class:`Metrics` interface of admin.py.
 """
 
 from __future__ import annotations
@@ -52,12 +57,14 @@ from functools import partial
 import h11
 import trio
 
+from proxy.admin import Metrics, Operations, sign_probes
 from proxy.config import (
     DEFAULT_UPSTREAM,
     Address,
     HTTPConfig,
     ProxyConfig,
     Route,
+    UpstreamConfig,
     UpstreamGroup,
 )
 from proxy.errors import TLSError
@@ -84,6 +91,8 @@ _LINGER_SECONDS = 2.0
 _CLOSE_GRACE_SECONDS = _LINGER_SECONDS + 2.0
 _RECEIVE_SIZE = 65536
 _LISTEN_BACKLOG = 4096
+_ADMIN_TIMEOUT_SECONDS = 10.0
+_ADMIN_RECEIVE_SIZE = 16384
 # accept() errors that mean "out of resources for now": wait and try again (as trio does).
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -101,6 +110,7 @@ class ServerState:
     holder: GenerationHolder
     sign_limiter: trio.CapacityLimiter
     connection_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    metrics: Metrics = field(default_factory=Metrics)
     pools: dict[tuple[UpstreamGroup, HTTPConfig], UpstreamPool] = field(default_factory=dict)
     draining: bool = False
     idle_scopes: set[trio.CancelScope] = field(default_factory=set)
@@ -183,6 +193,7 @@ class _Exchange:
             max_incomplete_event_size=http.max_header_bytes + http.max_request_line + 4,
         )
         self.bytes_sent = 0
+        self.metrics: Metrics | None = None  # the server's, set by handle_connection
         self.linger = False
         # A response broke off: close without close_notify, so that even a response framed
         # by the connection's end reads as truncated, never as complete.
@@ -401,7 +412,9 @@ async def _forward(
                 return 101, where
             event = await upstream.next_event()  # other 1xx: the proxy sent its own 100
         if not isinstance(event, h11.Response):
-            raise UpstreamFailure(f"upstream {where} sent {type(event).__name__} first", 502)
+            raise UpstreamFailure(
+                f"upstream {where} sent {type(event).__name__} first", 502, kind="protocol"
+            )
         status = event.status_code
         pending = [exchange.h11.send(client_response(event, closing=draining())) or b""]
         while True:
@@ -418,14 +431,20 @@ async def _forward(
                 await exchange.send_raw(b"".join(pending))
                 break
             else:
-                raise UpstreamFailure(f"upstream {where} ended the response early", 502)
+                raise UpstreamFailure(
+                    f"upstream {where} ended the response early", 502, kind="protocol"
+                )
     except (UpstreamFailure, h11.LocalProtocolError) as caught:
         broken = (
             caught
             if isinstance(caught, UpstreamFailure)
-            else UpstreamFailure(f"upstream {where} sent what cannot be relayed: {caught}", 502)
+            else UpstreamFailure(
+                f"upstream {where} sent what cannot be relayed: {caught}", 502, kind="protocol"
+            )
         )
-        log.warning(str(broken), extra={"fields": {"event": "upstream_error"}})
+        log.warning(str(broken), extra={"fields": {"event": "upstream_error", "kind": broken.kind}})
+        if exchange.metrics is not None:
+            exchange.metrics.upstream_failed(broken.kind)
         if upstream is not None:
             await upstream.aclose()
         await exchange.send_error(broken.status)
@@ -447,10 +466,13 @@ def _access(
     started: float,
     where: str,
 ) -> None:
+    if exchange.metrics is not None:
+        exchange.metrics.request_answered(status)
     access_log.info(
         "request",
         extra={
             "fields": {
+                "connection_id": (connection_context.get() or {}).get("connection_id"),
                 "client": exchange.client.address,
                 "sni": exchange.client.server_name,
                 "tls_version": exchange.tls_info.version,
@@ -512,6 +534,7 @@ async def _serve_http(exchange: _Exchange, generation: Generation, state: Server
 async def handle_connection(state: ServerState, stream: trio.SocketStream) -> None:
     """Everything one client connection goes through; never raises."""
     connection_id = next(state.connection_ids)
+    state.metrics.connection_opened()
     try:
         peer = stream.socket.getpeername()[0]
     except OSError:
@@ -529,14 +552,17 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
         max_waiting=generation.config.token.queue_limit,
     )
     linger = abort = False
+    handshake_started = time.perf_counter()
     try:
         try:
             with trio.fail_after(generation.config.tls.handshake_timeout):
                 info = await tls.do_handshake()
         except trio.TooSlowError:
+            state.metrics.handshake_finished(None, "timeout", 0.0)
             log.info("TLS handshake timed out", extra={"fields": context})
             return
         except TLSError as exc:
+            state.metrics.handshake_finished(None, "failed", 0.0)
             log.info(str(exc), extra={"fields": context})
             linger = True  # the alert is out: let the client read it
             return
@@ -544,7 +570,11 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
             state.holder.release(generation)
         http = generation.config.http
         client = ClientInfo(peer, info.server_name, forwarded=http.forwarded)
+        state.metrics.handshake_finished(
+            info.version, "ok", time.perf_counter() - handshake_started, info.resumed
+        )
         exchange = _Exchange(tls, client, info, http)
+        exchange.metrics = state.metrics
         try:
             await _serve_http(exchange, generation, state)
         finally:
@@ -554,6 +584,7 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
     except Exception:
         log.exception("connection failed unexpectedly", extra={"fields": context})
     finally:
+        state.metrics.connection_closed()
         with trio.move_on_after(_CLOSE_GRACE_SECONDS) as scope:
             scope.shield = True
             if linger:
@@ -623,16 +654,120 @@ async def _reuse_port_listener(family: int, host: str, port: int) -> trio.Socket
     return trio.SocketListener(sock)
 
 
+async def _listen(address: Address, what: str) -> tuple[list[trio.SocketListener], list[str]]:
+    try:
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    except OSError as exc:
+        raise TLSError(f"cannot listen on {address} ({what}): {exc.strerror or exc}") from None
+    bound = []
+    for listener in listeners:
+        host, port = listener.socket.getsockname()[:2]
+        bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return listeners, bound
+
+
+async def handle_admin(
+    state: ServerState, operations: Operations, stream: trio.SocketStream
+) -> None:
+    """One admin request per connection (/healthz, /readyz, /metrics); never raises."""
+    connection = h11.Connection(h11.SERVER)
+    try:
+        with trio.move_on_after(_ADMIN_TIMEOUT_SECONDS):
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await stream.receive_some(_ADMIN_RECEIVE_SIZE))
+                    continue
+                if not isinstance(event, h11.Request):
+                    return
+                generation = state.holder.current
+                operations.serving(generation.number, generation.chains())
+                method = event.method.decode("ascii", "replace")
+                status, headers, body = operations.endpoint.respond(
+                    method, event.target.decode("ascii", "replace")
+                )
+                headers += [("content-length", str(len(body))), ("connection", "close")]
+                data = connection.send(h11.Response(status_code=status, headers=headers)) or b""
+                if method != "HEAD":
+                    data += connection.send(h11.Data(data=body)) or b""
+                data += connection.send(h11.EndOfMessage()) or b""
+                await stream.send_all(data)
+                return
+    except h11.RemoteProtocolError as exc:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            response, body = error_response(error_status_for(exc))
+            await stream.send_all(
+                (connection.send(response) or b"")
+                + (connection.send(h11.Data(data=body)) or b"")
+                + (connection.send(h11.EndOfMessage()) or b"")
+            )
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    except Exception:
+        log.exception("admin request failed unexpectedly")
+    finally:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.aclose()
+
+
+async def probe_readiness(state: ServerState, operations: Operations, interval: float) -> None:
+    """Every ``interval`` seconds: token test signatures, a TCP connection upstream."""
+    while True:
+        generation = state.holder.acquire()  # a reload must not close it under the probe
+        try:
+            operations.serving(generation.number, generation.chains())
+            keys = [generation.key, *(site.key for site in generation.sites)]
+            outcome = await trio.to_thread.run_sync(sign_probes, keys, limiter=state.sign_limiter)
+            operations.probe_signed(outcome)
+        finally:
+            state.holder.release(generation)
+        await _probe_upstreams(generation.config, operations)
+        await trio.sleep(interval)
+
+
+async def _probe_upstreams(config: ProxyConfig, operations: Operations) -> None:
+    """Ready when every upstream group has an address that accepts a TCP connection."""
+    groups: list[tuple[str, tuple[UpstreamConfig, ...]]] = [("default", (config.upstream,))]
+    groups += [(group.name, group.servers) for group in config.upstreams]
+    reached = []
+    for name, servers in groups:
+        failure: UpstreamFailure | None = None
+        for server in servers:
+            try:
+                connection = await UpstreamConnection.connect(
+                    server, config.http.connect_timeout, config.http.read_timeout
+                )
+            except UpstreamFailure as exc:
+                failure = exc
+                continue
+            await connection.aclose()
+            reached.append(str(server))
+            break
+        else:
+            operations.readiness.upstream_result(False, f"{name}: {failure}")
+            return
+    operations.readiness.upstream_result(True, f"{', '.join(reached)} accepted a connection")
+
+
 async def serve(
     holder: GenerationHolder,
     listen: Address,
     on_ready: Callable[[list[str]], None],
     handle_signals: bool = True,
     tasks: Sequence[Callable[[], Awaitable[None]]] = (),
+    operations: Operations | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (then drain, see the module docstring) or cancellation;
-    ``tasks`` run beside the listeners (the reloader)."""
-    state = ServerState(holder, trio.CapacityLimiter(holder.current.token.pool_size))
+    ``tasks`` run beside the listeners (the reloader); with ``operations.config``, the
+    admin listener and its readiness probes too."""
+    operations = operations or Operations()
+    state = ServerState(
+        holder,
+        trio.CapacityLimiter(holder.current.token.pool_size),
+        metrics=operations.metrics,
+    )
+    operations.serving(holder.current.number, holder.current.chains())
+    operations.metrics.track_queue(lambda: state.sign_limiter.statistics().tasks_waiting)
     http = holder.current.config.http
     shared = worker_addresses()
     try:
@@ -646,6 +781,10 @@ async def serve(
     for listener in listeners:
         host, port = listener.socket.getsockname()[:2]
         bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    admin_listeners: list[trio.SocketListener] = []
+    admin_bound: list[str] = []
+    if operations.config is not None:
+        admin_listeners, admin_bound = await _listen(operations.config.listen, "admin")
     slots = trio.Semaphore(http.max_connections)
     signals = (
         trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
@@ -661,6 +800,19 @@ async def serve(
                     accepting.start_soon(_sweep_pools, state)
                     for task in tasks:
                         accepting.start_soon(task)
+                    if operations.config is not None:
+                        accepting.start_soon(
+                            partial(
+                                trio.serve_listeners,
+                                partial(handle_admin, state, operations),
+                                admin_listeners,
+                            )
+                        )
+                        accepting.start_soon(
+                            probe_readiness, state, operations, operations.config.probe_interval
+                        )
+                        for address in admin_bound:
+                            log.info(f"admin endpoint http://{address}/ (healthz, readyz, metrics)")
                     on_ready(bound)
                     report_ready()
                     if received is not None:

@@ -77,6 +77,7 @@ from proxy.keybridge import (
     install_certificate_and_key,
     pop_signed,
     pop_signing_error,
+    session_reused,
 )
 
 _lib: Any = _typed_lib  # typed Optional in pyOpenSSL 25; always loaded here
@@ -199,6 +200,7 @@ class TLSInfo:
     cipher: str
     alpn: str | None
     server_name: str | None
+    resumed: bool = False  # an abbreviated handshake: no token signature
 
 
 class TLSStream(trio.abc.Stream):
@@ -336,6 +338,7 @@ class TLSStream(trio.abc.Stream):
             cipher=self._connection.get_cipher_name() or "",
             alpn=alpn.decode("ascii") if alpn else None,
             server_name=server_name.decode("idna") if server_name else None,
+            resumed=session_reused(int(_pyopenssl_ffi.cast("uintptr_t", self._connection._ssl))),
         )
         return self.info
 

@@ -45,8 +45,12 @@ _RECEIVE_SIZE = 65536
 class UpstreamFailure(UpstreamError):
     """An upstream error with the HTTP status the client should get for it."""
 
-    def __init__(self, message: str, status: int, sent_nothing: bool = False) -> None:
+    def __init__(
+        self, message: str, status: int, sent_nothing: bool = False, kind: str = "other"
+    ) -> None:
         super().__init__(message)
+        # For metrics: connect, connect_timeout, read_timeout, reset, protocol, other.
+        self.kind = kind
         self.status = status
         self.sent_nothing = sent_nothing
 
@@ -78,12 +82,14 @@ class UpstreamConnection:
                 f"connecting to upstream {config} timed out after {connect_timeout:g}s",
                 504,
                 sent_nothing=True,
+                kind="connect_timeout",
             ) from None
         except OSError as exc:
             raise UpstreamFailure(
                 f"cannot connect to upstream {config}: {exc.strerror or exc}",
                 502,
                 sent_nothing=True,
+                kind="connect",
             ) from None
         return cls(config, stream, read_timeout)
 
@@ -111,13 +117,16 @@ class UpstreamConnection:
                     await self.stream.send_all(data)
             except trio.TooSlowError:
                 raise UpstreamFailure(
-                    f"upstream {self.config} took nothing for {self.read_timeout:g}s", 504
+                    f"upstream {self.config} took nothing for {self.read_timeout:g}s",
+                    504,
+                    kind="write_timeout",
                 ) from None
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise UpstreamFailure(
                     f"upstream {self.config} closed the connection",
                     502,
                     sent_nothing=self.bytes_sent == 0,
+                    kind="reset",
                 ) from exc
             self.bytes_sent += len(data)
 
@@ -133,7 +142,9 @@ class UpstreamConnection:
         try:
             return self.h11.next_event()  # type: ignore[return-value]
         except h11.RemoteProtocolError as exc:
-            raise UpstreamFailure(f"upstream {self.config} broke HTTP/1.1: {exc}", 502) from None
+            raise UpstreamFailure(
+                f"upstream {self.config} broke HTTP/1.1: {exc}", 502, kind="protocol"
+            ) from None
 
     async def receive(self) -> bytes:
         """Raw bytes from the upstream within the read timeout (b"" at its end)."""
@@ -142,10 +153,14 @@ class UpstreamConnection:
                 data = await self.stream.receive_some(_RECEIVE_SIZE)
         except trio.TooSlowError:
             raise UpstreamFailure(
-                f"upstream {self.config} sent nothing for {self.read_timeout:g}s", 504
+                f"upstream {self.config} sent nothing for {self.read_timeout:g}s",
+                504,
+                kind="read_timeout",
             ) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise UpstreamFailure(f"upstream {self.config} reset the connection", 502) from exc
+            raise UpstreamFailure(
+                f"upstream {self.config} reset the connection", 502, kind="reset"
+            ) from exc
         self.bytes_received += len(data)
         return data
 

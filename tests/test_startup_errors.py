@@ -114,6 +114,7 @@ def test_check_prints_a_table_and_succeeds(
     )
     assert result.returncode == 0, result.stderr
     assert (
-        "ok  key          pkcs11:token=proxy;object=web-ec384;id=%02;type=private" in result.stdout
+        "ok    key          pkcs11:token=proxy;object=web-ec384;id=%02;type=private"
+        in result.stdout
     )
     assert "never_extractable=True" in result.stdout
