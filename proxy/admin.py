@@ -45,7 +45,7 @@ from proxy.config import AdminConfig
 from proxy.errors import ProxyError
 from proxy.logs import connection_context
 from proxy.testsign import PublicKey, SignedDigest, sign_test_digest, verifies
-from proxy.token import SignatureEvent, TokenKey
+from proxy.token import SignatureEvent, Token, TokenKey
 
 # Handshakes and token signatures are milliseconds on a local token, tens of ms on a
 # network HSM (CloudHSM), seconds when something is wrong.
@@ -330,6 +330,14 @@ def sign_probes(keys: Sequence[TokenKey]) -> list[SignedDigest] | str:
         return [sign_test_digest(key, b"hsm-proxy readiness probe") for key in keys]
     except ProxyError as exc:
         return str(exc)
+
+
+def token_state(token: Token) -> CheckResult:
+    """The token layer's own view: down (failing, being recovered) or usable."""
+    reason = token.unusable_reason
+    if reason is None:
+        return CheckResult("token_state", True, f"token {token.label!r} usable")
+    return CheckResult("token_state", False, f"token {token.label!r} unusable: {reason}")
 
 
 class Operations:

@@ -57,7 +57,7 @@ from functools import partial
 import h11
 import trio
 
-from proxy.admin import Metrics, Operations, sign_probes
+from proxy.admin import Metrics, Operations, sign_probes, token_state
 from proxy.config import (
     DEFAULT_UPSTREAM,
     Address,
@@ -768,6 +768,7 @@ async def serve(
     )
     operations.serving(holder.current.number, holder.current.chains())
     operations.metrics.track_queue(lambda: state.sign_limiter.statistics().tasks_waiting)
+    operations.readiness.add_check(lambda: token_state(state.holder.current.token))
     http = holder.current.config.http
     shared = worker_addresses()
     try:

@@ -359,3 +359,46 @@ def test_reloads_are_counted_and_the_new_certificate_is_exported(
         if entry.get("event") == "token_signature" and entry.get("purpose") == "reload"
     ]
     assert len(reload_audit) == 1  # the test signature of the one generation that was built
+
+
+def test_readiness_follows_the_token_layer_through_a_device_error_and_recovery(
+    proxy_factory: ProxyFactory,
+    hsm: HSM,
+    faulthsm: Path,
+    tmp_path: Path,
+    ca: trustme.CA,
+    upstream: RecordingUpstream,
+) -> None:
+    from tests.faulthsm import FaultControl
+
+    fault = FaultControl(tmp_path / "faulthsm.control")
+    env = {"FAULTHSM_CONTROL": str(fault.path), "FAULTHSM_MODULE": hsm.module}
+    proxy = proxy_factory(
+        "ec256", module=str(faulthsm), env=env, extra_tls=admin_section(probe_interval=0.2)
+    )
+    try:
+        admin = admin_url(proxy.lines())
+        wait_until(lambda: get(f"{admin}/readyz")[0] == 200)
+        assert "ok token_state: token 'proxy' usable" in get(f"{admin}/readyz")[2]
+        fault.set(error="CKR_DEVICE_ERROR", error_calls="all")
+        wait_until(lambda: get(f"{admin}/readyz")[0] == 503)
+        body = get(f"{admin}/readyz")[2]
+        assert "FAIL token: " in body
+        samples = scrape(admin)
+        assert value(samples, "hsm_proxy_token_signatures_total", mechanism="ECDSA", result="error")
+        fault.clear()
+        wait_until(lambda: get(f"{admin}/readyz")[0] == 200, timeout=60)
+        assert https_request(proxy.port, client_context(ca)).status == 200
+    finally:
+        fault.clear()
+
+
+def test_admin_with_several_workers_is_refused_clearly(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    from tests.support import run_cli, write_config
+
+    config = write_config(tmp_path, hsm, ca, upstream.url, "ec256", extra_tls=admin_section())
+    result = run_cli("run", "--config", str(config), "--workers", "2")
+    assert result.returncode == 1
+    assert "[admin] serves one process's metrics and readiness; with --workers 2" in result.stderr
