@@ -654,16 +654,21 @@ async def _reuse_port_listener(family: int, host: str, port: int) -> trio.Socket
     return trio.SocketListener(sock)
 
 
+def _bound(listeners: list[trio.SocketListener]) -> list[str]:
+    """HOST:PORT (or [IPv6]:PORT) each listener is bound to."""
+    bound = []
+    for listener in listeners:
+        host, port = listener.socket.getsockname()[:2]
+        bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return bound
+
+
 async def _listen(address: Address, what: str) -> tuple[list[trio.SocketListener], list[str]]:
     try:
         listeners = await trio.open_tcp_listeners(address.port, host=address.host)
     except OSError as exc:
         raise TLSError(f"cannot listen on {address} ({what}): {exc.strerror or exc}") from None
-    bound = []
-    for listener in listeners:
-        host, port = listener.socket.getsockname()[:2]
-        bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    return listeners, bound
+    return listeners, _bound(listeners)
 
 
 async def handle_admin(
@@ -778,10 +783,7 @@ async def serve(
             listeners = [await _reuse_port_listener(*address) for address in shared]
     except OSError as exc:
         raise TLSError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-    bound = []
-    for listener in listeners:
-        host, port = listener.socket.getsockname()[:2]
-        bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    bound = _bound(listeners)
     admin_listeners: list[trio.SocketListener] = []
     admin_bound: list[str] = []
     if operations.config is not None:
