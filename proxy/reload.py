@@ -349,7 +349,11 @@ class Reloader:
                     self.store,
                     current,
                 )
-            except ProxyError as exc:
+            except Exception as exc:
+                # A reload must never take the proxy down: whatever went wrong (a ProxyError
+                # naming the secret and the check, or a bug), the old generation keeps serving.
+                if not isinstance(exc, ProxyError):
+                    log.exception("unexpected error while building a generation")
                 self.failures += 1
                 self.last_error = str(exc)
                 log.error(

@@ -316,6 +316,15 @@ def list_tokens(module_path: str) -> list[tuple[int, str, str]]:
 
 
 def _select_token(module_path: str, uri: KeyURI) -> Any:
+    try:
+        return _select_token_unguarded(module_path, uri)
+    except p11err.PKCS11Error as exc:
+        raise TokenError(
+            f"cannot look for the token {uri} in {module_path}: {type(exc).__name__}"
+        ) from None
+
+
+def _select_token_unguarded(module_path: str, uri: KeyURI) -> Any:
     module = load_module(module_path)
     matches = []
     for slot in module.get_slots(token_present=True):

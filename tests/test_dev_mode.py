@@ -112,3 +112,28 @@ def test_dev_key_is_sensitive_and_never_extractable(tmp_path: Path) -> None:
     private = listing[listing.index("Private Key Object; EC") :]
     assert "Usage:      sign\n" in private
     assert "Access:     sensitive, always sensitive, never extractable, local" in private
+
+
+def test_a_reload_with_the_token_gone_keeps_the_proxy_up(tmp_path: Path) -> None:
+    """The token store vanishing under a running proxy makes the reload fail, not the proxy."""
+    state = tmp_path / "state"
+    log = tmp_path / "dev.log"
+    process, port = _start_dev(state, log)
+    try:
+        context = ssl.create_default_context(cafile=str(state / "ca.pem"))
+        assert https_request(port, context).status == 200
+        (state / "tokens").rename(tmp_path / "tokens-away")
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while '"reload_failed"' not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert process.poll() is None
+        (tmp_path / "tokens-away").rename(state / "tokens")
+        assert (
+            https_request(port, ssl.create_default_context(cafile=str(state / "ca.pem"))).status
+            == 200
+        )
+    finally:
+        _stop(process)
