@@ -9,7 +9,8 @@
 # install fail loudly instead of silently shadowing them with a wheel.
 #
 # Usage: deploy/setup.sh [--test] [--no-apt]
-#   --test    also install the test extras (pytest, trustme, httpx, mypy, ruff) and test tools
+#   --test    also install the test extras (pytest, trustme, httpx, hypothesis, mypy, ruff) and
+#             test tools (sslyze, in its own virtualenv .venv-sslyze)
 #   --no-apt  skip apt-get (for images that installed the Debian packages already)
 set -euo pipefail
 
@@ -99,6 +100,16 @@ if [ "$with_tests" = 1 ]; then
     rm -rf "$moto_venv"
     "$system_python" -m venv "$moto_venv"
     env -u PIP_CONSTRAINT "$moto_venv/bin/python" -m pip install -q "moto[server]>=5"
+  fi
+  # sslyze (the TLS scanner tests/test_sslyze.py runs) wants a newer cryptography than
+  # Debian's: it gets a virtualenv of its own and never touches .venv.
+  sslyze_venv="$here/.venv-sslyze"
+  sslyze_version=6.3.1
+  if ! "$sslyze_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('sslyze') != '$sslyze_version')" 2>/dev/null; then
+    say "installing sslyze $sslyze_version into $sslyze_venv (a separate venv: it needs a newer cryptography)"
+    rm -rf "$sslyze_venv"
+    "$system_python" -m venv "$sslyze_venv"
+    env -u PIP_CONSTRAINT "$sslyze_venv/bin/python" -m pip install -q "sslyze==$sslyze_version"
   fi
 fi
 

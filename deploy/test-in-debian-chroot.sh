@@ -34,5 +34,5 @@ fi
 
 rm -rf "$root/root/hsm-proxy"
 mkdir -p "$root/root/hsm-proxy"
-tar -C "$here" --exclude='.venv*' --exclude='.chroot-*' --exclude=.git -cf - . | tar -C "$root/root/hsm-proxy" -xf -
+tar -C "$here" --exclude='.venv*' --exclude=.hypothesis --exclude='.chroot-*' --exclude=.git -cf - . | tar -C "$root/root/hsm-proxy" -xf -
 chroot "$root" /bin/bash -c "cd /root/hsm-proxy && ./deploy/test.sh -p no:cacheprovider"

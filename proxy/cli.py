@@ -37,12 +37,14 @@ from proxy.config import (
     parse_address,
     parse_upstream,
 )
-from proxy.errors import ConfigError, ProxyError
+from proxy.errors import ConfigError, ProxyError, TokenError
+from proxy.hardening import drop_privileges, install_excepthooks
 from proxy.logs import audit_signature, connection_context, log, setup_logging
 from proxy.token import SignatureEvent
 
 if TYPE_CHECKING:
-    from proxy.reload import Reloader, ReloadResult
+    from proxy.checks import Row
+    from proxy.reload import Generation, Reloader, ReloadResult
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -205,6 +207,12 @@ def _serve(
         if pid_file is not None and status_file is not None:
             _write_status(status_file, reloader, ReloadResult(True, generation.number, "started"))
             pid_file.write_text(f"{os.getpid()}\n")
+        # The listeners are bound: privileged ports are no reason to stay root any longer.
+        warning = drop_privileges(config.security.user)
+        if warning:
+            log.warning(warning)
+        elif config.security.user is not None:
+            prove_token_after_drop(generation, config.security.user)
         for address in addresses:
             log.info(f"serving https://{address} -> {config.upstream}")
         for line in banner(addresses) if banner else []:
@@ -228,6 +236,20 @@ def _serve(
                 with suppress(OSError):
                     path.unlink()
     return 0
+
+
+def prove_token_after_drop(generation: Generation, user: str) -> None:
+    """The token must still sign for the unprivileged user: fail now, not per handshake."""
+    from proxy.certificates import check_key_matches
+
+    try:
+        check_key_matches(generation.chain, generation.key)
+    except ProxyError as exc:
+        raise TokenError(
+            f"after switching to user {user!r} the token can no longer sign ({exc}); give "
+            f"{user!r} access to the token (SoftHSM2: its token directory; CloudHSM: the "
+            "client daemon's socket)"
+        ) from None
 
 
 # Listen addresses a browser or curl on this machine reaches as "localhost".
@@ -379,6 +401,7 @@ def _check(args: argparse.Namespace) -> int:
     purpose = connection_context.set({"purpose": "check"})
     try:
         rows = run_checks(args.config, audit_signature)
+        rows += _security_checks(args.config)
     finally:
         connection_context.reset(purpose)
     print(format_rows(rows), flush=True)
@@ -393,6 +416,67 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     print(f"hsm-proxy: {args.config}: check is successful", file=sys.stderr)
     return 0
+
+
+def _security_checks(path: Path) -> list[Row]:
+    """check's rows for the TLS policy, mutual TLS (its CA bundle read and checked) and the
+    OCSP staple (read and checked against the certificate)."""
+    from proxy.checks import FAIL, OK, Row
+    from proxy.keybridge import verify_shared_libcrypto
+    from proxy.ocsp import check_ocsp_response
+    from proxy.reload import _client_auth, _load_chain
+    from proxy.secrets import default_store
+
+    try:
+        config = load_config(path)
+        verify_shared_libcrypto()  # probing TLS contexts on another libssl would crash
+    except ProxyError:
+        return []  # the config or openssl row says why
+    rows = [Row(OK, name, detail) for name, detail in _security_rows(config)]
+    store = default_store()
+    try:
+        _client_auth(store, config.tls.client_auth)
+    except ProxyError as exc:
+        rows.append(Row(FAIL, "client CA", str(exc)))
+    if config.tls.ocsp_response is not None:
+        ref = config.tls.ocsp_response
+        try:
+            chain = _load_chain(store, config.tls.certificate_ref())
+            check_ocsp_response(store.read(ref), chain, ref.describe())
+        except ProxyError as exc:
+            rows = [row for row in rows if row.name != "ocsp"]
+            rows.append(Row(FAIL, "ocsp", str(exc)))
+    return rows
+
+
+def _security_rows(config: ProxyConfig) -> list[tuple[str, str]]:
+    from proxy.tls import key_exchange_groups
+
+    rows = [
+        (
+            "tls policy",
+            f"{config.tls.policy}, groups {':'.join(key_exchange_groups())}",
+        )
+    ]
+    client_auth = config.tls.client_auth
+    if client_auth is not None:
+        lists = {
+            "cn": len(client_auth.allow_cn),
+            "dns": len(client_auth.allow_dns),
+            "uri": len(client_auth.allow_uri),
+            "spki": len(client_auth.allow_spki_sha256),
+        }
+        allowed = (
+            "any certificate of the CA"
+            if client_auth.allow_any
+            else ", ".join(f"{count} {kind}" for kind, count in lists.items() if count)
+        )
+        rows.append(
+            ("client auth", f"{client_auth.mode}, CA {client_auth.ca.describe()}, allow {allowed}")
+        )
+    if config.tls.ocsp_response is not None:
+        rows.append(("ocsp", f"{config.tls.ocsp_response}: good, current, for this certificate"))
+    return rows
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -410,6 +494,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    install_excepthooks()  # any traceback that reaches stderr is scrubbed of secrets
     args = _parser().parse_args(argv)
     json_lines = {"auto": None, "json": True, "text": False}[args.log_format]
     setup_logging(args.log_level, json_lines)
@@ -424,6 +509,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except ProxyError as error:
         print(f"hsm-proxy: error: {error}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        # trio wraps what fails inside the server's nursery (the start-up checks made once
+        # the listeners are bound): one ProxyError is still one clear line.
+        matched, rest = group.split(ProxyError)
+        if matched is None or rest is not None:
+            raise
+        first: BaseException = matched
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        print(f"hsm-proxy: error: {first}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -22,6 +22,16 @@ Example (the README documents every key)::
     certificate = "/etc/hsm-proxy/chain.pem"  # leaf first, then intermediates
     key = "pkcs11:token=proxy;object=web-key;type=private"
     handshake_timeout = 10.0
+    policy = "intermediate"                   # or "modern" (TLS 1.3 only)
+    ocsp_response = "/run/ocsp/web.der"       # optional: DER OCSP response to staple
+
+    [tls.client_auth]                         # optional: mutual TLS
+    mode = "require"                          # or "optional"
+    ca = "/etc/hsm-proxy/client-ca.pem"
+    allow_uri = ["spiffe://example.org/ns/prod/sa/billing"]
+
+    [security]
+    user = "hsm-proxy"                        # drop root to this user after binding
 
     [http]                                    # limits and timeouts; every key optional
     max_body_bytes = 0
@@ -45,6 +55,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxy.clientauth import MODES, ClientAuthPolicy, parse_spki_pin
 from proxy.errors import ConfigError
 from proxy.pkcs11uri import KeyURI, parse_key_uri
 from proxy.secrets import AWSSettings, PinSource, SecretRef
@@ -84,6 +95,9 @@ class TokenConfig:
     key_custody: str = "warn"  # "warn" or "refuse" an extractable or non-sensitive key
 
 
+TLS_POLICIES = ("intermediate", "modern")
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """One more certificate, chosen by SNI, with its own token key (``[[tls.sni]]``)."""
@@ -101,6 +115,9 @@ class TLSConfig:
     certificate_aws_secret: str | None = None
     sni: tuple[SiteConfig, ...] = ()
     session_ticket_keys: tuple[SecretRef, ...] = ()
+    policy: str = "intermediate"
+    client_auth: ClientAuthPolicy | None = None
+    ocsp_response: SecretRef | None = None
 
     def certificate_ref(self) -> SecretRef:
         if self.certificate_aws_secret is not None:
@@ -125,6 +142,20 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """Operator-safety settings: every default is the safe choice."""
+
+    # Refuse secret files (PIN, ticket keys) that group or others may read or write.
+    allow_insecure_secret_files: bool = False
+    # Started as root: switch to this user (and its groups) once the listeners are bound.
+    user: str | None = None
+    # Handshakes in progress, in total and per client address (a flood cannot queue
+    # unbounded work for the token).
+    max_handshakes: int = 1024
+    max_handshakes_per_client: int = 64
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     listen: Address
     upstream: UpstreamConfig
@@ -137,12 +168,17 @@ class ProxyConfig:
     http: HTTPConfig = field(default_factory=lambda: HTTPConfig())
     upstreams: tuple[UpstreamGroup, ...] = ()
     routes: tuple[Route, ...] = ()
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def secrets(self) -> list[SecretRef]:
         """Every secret this configuration refers to (what the reloader watches)."""
         refs = [self.token.pin, self.tls.certificate_ref()]
         refs += [site.certificate for site in self.tls.sni]
         refs += list(self.tls.session_ticket_keys)
+        if self.tls.client_auth is not None:
+            refs.append(self.tls.client_auth.ca)
+        if self.tls.ocsp_response is not None:
+            refs.append(self.tls.ocsp_response)
         return refs
 
 
@@ -266,6 +302,82 @@ def _path(value: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _string_list(table: _Table, key: str) -> list[str]:
+    values = table.take(key, list, [])
+    for position, value in enumerate(values, start=1):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(
+                f"{table._name(key)}: entry {position} must be a non-empty string, got {value!r}"
+            )
+    return list(values)
+
+
+def _optional_secret(
+    table: _Table, file_key: str, aws_key: str, base: Path, what: str
+) -> SecretRef | None:
+    """A public secret (a CA bundle, an OCSP response) in a file or in AWS, or none."""
+    path = table.take(file_key, str, None)
+    secret_id = table.take(aws_key, str, None)
+    if path is not None and secret_id is not None:
+        raise ConfigError(f"{table._name(file_key)}: set {file_key} or {aws_key}, not both")
+    if path is not None:
+        return SecretRef(file=_path(path, base), what=what)
+    if secret_id is not None:
+        return SecretRef(aws=secret_id, what=what)
+    return None
+
+
+def _parse_client_auth(table: _Table, base: Path) -> ClientAuthPolicy:
+    mode = table.take("mode", str, "require")
+    if mode not in MODES:
+        raise ConfigError(
+            f"tls.client_auth.mode: {mode!r} is not one of {', '.join(MODES)} "
+            "(leave out the [tls.client_auth] table to turn client certificates off)"
+        )
+    ca = _optional_secret(table, "ca", "ca_aws_secret", base, "client CA bundle")
+    if ca is None:
+        raise ConfigError(
+            "tls.client_auth: set ca (a PEM file of the CAs that issue client certificates) "
+            "or ca_aws_secret (an AWS Secrets Manager secret id holding it)"
+        )
+    allow_cn = _string_list(table, "allow_cn")
+    allow_dns = _string_list(table, "allow_dns")
+    allow_uri = _string_list(table, "allow_uri")
+    pins = [
+        parse_spki_pin(text, f"tls.client_auth.allow_spki_sha256[{position}]")
+        for position, text in enumerate(_string_list(table, "allow_spki_sha256"), start=1)
+    ]
+    allow_any = table.take("allow_any", bool, False)
+    table.finish()
+    return ClientAuthPolicy(
+        mode=mode,  # type: ignore[arg-type]
+        ca=ca,
+        allow_cn=frozenset(allow_cn),
+        allow_dns=frozenset(name.lower() for name in allow_dns),
+        allow_uri=frozenset(allow_uri),
+        allow_spki_sha256=frozenset(pins),
+        allow_any=allow_any,
+    )
+
+
+def _parse_security(table: _Table) -> SecurityConfig:
+    allow_insecure = table.take("allow_insecure_secret_files", bool, False)
+    user = table.take("user", str, None)
+    if user is not None and not user:
+        raise ConfigError("security.user: must name a user (or leave the key out)")
+    total = table.take("max_handshakes", int, 1024)
+    per_client = table.take("max_handshakes_per_client", int, 64)
+    if not 1 <= total <= 100_000:
+        raise ConfigError(f"security.max_handshakes: must be from 1 to 100000, got {total}")
+    if not 1 <= per_client <= total:
+        raise ConfigError(
+            f"security.max_handshakes_per_client: must be from 1 to max_handshakes "
+            f"({total}), got {per_client}"
+        )
+    table.finish()
+    return SecurityConfig(allow_insecure, user, total, per_client)
+
+
 def load_config(path: Path) -> ProxyConfig:
     try:
         text = path.read_bytes()
@@ -287,6 +399,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
     root = _Table(data, "")
     listen = parse_address(root.take("listen", str, "127.0.0.1:8443"), "listen")
     upstream = parse_upstream(root.take("upstream", str), "upstream")
+    security = _parse_security(_Table(root.take("security", dict, {}), "security."))
 
     token_table = root.table("token")
     module = token_table.take("module", str)
@@ -309,8 +422,9 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
     if key_custody not in ("warn", "refuse"):
         raise ConfigError(f'token.key_custody: must be "warn" or "refuse", got {key_custody!r}')
     token_table.finish()
+    insecure = security.allow_insecure_secret_files
     if pin_file:
-        pin = PinSource(file=_path(pin_file, base))
+        pin = PinSource(file=_path(pin_file, base), allow_insecure_permissions=insecure)
     elif pin_env:
         pin = PinSource(env=pin_env)
     else:
@@ -327,13 +441,32 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
         for number, item in enumerate(_list_of(tls_table, "sni", dict, "tables"), start=1)
     )
     tickets = [
-        SecretRef(file=_path(item, base), what="session-ticket key")
+        SecretRef(
+            file=_path(item, base),
+            what="session-ticket key",
+            allow_insecure_permissions=security.allow_insecure_secret_files,
+        )
         for item in _list_of(tls_table, "session_ticket_keys", str, "paths")
     ]
     tickets += [
         SecretRef(aws=item, what="session-ticket key")
         for item in _list_of(tls_table, "session_ticket_keys_aws_secrets", str, "secret ids")
     ]
+    policy = tls_table.take("policy", str, "intermediate")
+    if policy not in TLS_POLICIES:
+        raise ConfigError(
+            f"tls.policy: {policy!r} is not one of {', '.join(TLS_POLICIES)} "
+            "(intermediate: TLS 1.2 and 1.3; modern: TLS 1.3 only)"
+        )
+    ocsp_response = _optional_secret(
+        tls_table, "ocsp_response", "ocsp_response_aws_secret", base, "OCSP response"
+    )
+    client_auth_table = tls_table.take("client_auth", dict, None)
+    client_auth = (
+        None
+        if client_auth_table is None
+        else _parse_client_auth(_Table(client_auth_table, "tls.client_auth."), base)
+    )
     tls_table.finish()
 
     reload = ReloadConfig()
@@ -391,6 +524,9 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
             certificate_aws_secret=certificate_aws,
             sni=sni,
             session_ticket_keys=tuple(tickets),
+            policy=policy,
+            client_auth=client_auth,
+            ocsp_response=ocsp_response,
         ),
         admin=admin,
         source=source,
@@ -399,6 +535,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
         http=http,
         upstreams=upstreams,
         routes=routes,
+        security=security,
     )
 
 

@@ -26,7 +26,8 @@ socket, and is tested without a network.
 * Routing (:func:`choose_upstream`) picks an upstream group by Host (SNI when there is no
   Host) and path prefix; the first matching route wins, the top-level upstream is the rest.
 * The client's verified TLS identity (mutual TLS) reaches the upstream through
-  :func:`identity_headers`: client-sent copies of those headers are always dropped.
+  clientauth.identity_headers (``X-Client-Cert-*``); whatever the client sent under those
+  names, or as ``X-Forwarded-Client-Cert``, is always dropped first.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 
 import h11
 
+from proxy.clientauth import ClientIdentity, identity_headers, is_identity_header
 from proxy.config import DEFAULT_UPSTREAM, HTTPConfig, Route
 
 HOP_BY_HOP = frozenset(
@@ -51,15 +53,7 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
-# Headers that carry the client's verified certificate identity (mutual TLS). Whatever the
-# client sends under these names is dropped; only ClientInfo.identity is forwarded.
-IDENTITY_HEADERS = frozenset(
-    {b"x-client-cert-subject", b"x-client-cert-fingerprint", b"x-forwarded-client-cert"}
-)
-_REPLACED_BY_PROXY = (
-    frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"expect", b"forwarded"})
-    | IDENTITY_HEADERS
-)
+_REPLACED_BY_PROXY = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"expect", b"forwarded"})
 # Methods a proxy may resend when a reused upstream connection died without answering.
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -81,31 +75,14 @@ Headers = list[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True)
-class ClientIdentity:
-    """A client certificate the TLS layer verified (mutual TLS)."""
-
-    subject: str
-    fingerprint_sha256: str | None = None
-
-
-@dataclass(frozen=True)
 class ClientInfo:
     """Who is on the other end of the TLS connection, as the forwarding rules need it."""
 
     address: str
     server_name: str | None = None
-    identity: ClientIdentity | None = None
+    identity: ClientIdentity | None = None  # the verified client certificate (mTLS)
+    client_auth: bool = False  # the listener asks for client certificates (mTLS)
     forwarded: bool = False  # also send RFC 7239 Forwarded (http.forwarded)
-
-
-def identity_headers(identity: ClientIdentity | None) -> Headers:
-    """The headers that tell the upstream who the verified client is (none without mTLS)."""
-    if identity is None:
-        return []
-    headers = [(b"X-Client-Cert-Subject", identity.subject.encode("utf-8"))]
-    if identity.fingerprint_sha256:
-        headers.append((b"X-Client-Cert-Fingerprint", identity.fingerprint_sha256.encode()))
-    return headers
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
@@ -154,7 +131,9 @@ def upstream_request(
     headers = [
         (name, value)
         for name, value in end_to_end_headers(received)
-        if name.lower() not in _REPLACED_BY_PROXY and name.lower() != b"x-forwarded-for"
+        if name.lower() not in _REPLACED_BY_PROXY
+        and name.lower() != b"x-forwarded-for"
+        and not is_identity_header(name)  # X-Client-Cert-*: only the proxy's own
     ]
     if not any(name.lower() == b"host" for name, _ in headers):
         headers.insert(0, (b"Host", (client.server_name or upstream_host).encode("idna")))
@@ -171,7 +150,8 @@ def upstream_request(
             element += b';host="' + host + b'"'
         previous = [value for name, value in received if name.lower() == b"forwarded"]
         headers.append((b"Forwarded", b", ".join([*previous, element])))
-    headers.extend(identity_headers(client.identity))
+    if client.client_auth or client.identity is not None:
+        headers.extend(identity_headers(client.identity))
     if is_upgrade(request):
         headers.extend(_upgrade_headers(received))
     if not any(name.lower() == b"content-length" for name, _ in headers) and any(

@@ -16,6 +16,7 @@ import logging
 import sys
 from typing import Any
 
+from proxy.hardening import ScrubbingFilter
 from proxy.token import SignatureEvent
 
 log = logging.getLogger("hsm_proxy")
@@ -38,6 +39,8 @@ class _JSONFormatter(logging.Formatter):
             "pid": record.process,  # tells the workers of `run --workers N` apart
         }
         entry.update(getattr(record, "fields", {}))
+        if record.exc_text:  # the scrubbed traceback (hardening.ScrubbingFilter)
+            entry["exception"] = record.exc_text
         return json.dumps(entry, sort_keys=False)
 
 
@@ -45,7 +48,8 @@ class _HumanFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
         extra = " ".join(f"{key}={value}" for key, value in fields.items())
-        return f"hsm-proxy: {record.getMessage()}{' ' + extra if extra else ''}"
+        line = f"hsm-proxy: {record.getMessage()}{' ' + extra if extra else ''}"
+        return f"{line}\n{record.exc_text}" if record.exc_text else line
 
 
 def setup_logging(level: str = "info", json_lines: bool | None = None) -> None:
@@ -54,6 +58,7 @@ def setup_logging(level: str = "info", json_lines: bool | None = None) -> None:
         json_lines = not sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JSONFormatter() if json_lines else _HumanFormatter())
+    handler.addFilter(ScrubbingFilter())  # no PIN, no credential header in any line
     root = logging.getLogger("hsm_proxy")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

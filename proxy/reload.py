@@ -30,23 +30,29 @@ successful build warns about certificates that expire within ``expiry_warning_da
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 import threading
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import cast
 
 import trio
 from OpenSSL import SSL
 
 from proxy.certificates import Chain, check_key_matches, parse_chain, validate_chain
+from proxy.clientauth import ClientAuthPolicy, load_ca_bundle
 from proxy.config import ProxyConfig, SiteConfig
 from proxy.errors import ConfigError, KeyCustodyError, LoginError, ProxyError, SecretError
 from proxy.keybridge import verify_shared_libcrypto
 from proxy.logs import log
+from proxy.ocsp import check_ocsp_response
 from proxy.secrets import SecretRef, SecretStore, default_store, read_pin
 from proxy.tls import (
     TicketKey,
+    TLSPolicy,
     attach_sni_routes,
     build_server_context,
     install_ticket_keys,
@@ -148,6 +154,13 @@ def build_generation(
         old = previous.ticket_keys[0]
         if all(key.name != old.name for key in tickets):
             tickets.append(old)
+    client_auth = _client_auth(store, config.tls.client_auth)
+    ocsp = None
+    if config.tls.ocsp_response is not None:
+        ref = config.tls.ocsp_response
+        with _checking(ref.describe(), "read"):
+            der = store.read(ref)
+        ocsp = check_ocsp_response(der, chain, ref.describe())
     with _checking(config.token.pin.describe(), "read"):
         pin = read_pin(config.token.pin, store)
     pin_store = store
@@ -167,8 +180,16 @@ def build_generation(
         _check_custody(config, key)
         with _checking(config.tls.certificate_ref().describe(), "certificate matches token key"):
             check_key_matches(chain, key)
-        context = build_server_context(chain, key)
-        sites = tuple(_build_site(token, site, site_chain) for site, site_chain in site_chains)
+        # Every context of the listener gets its TLS policy and client-auth rules, so no
+        # server name can be reached around them; the OCSP staple is the default chain's.
+        policy = cast(TLSPolicy, config.tls.policy)  # config.py checked the name
+        context = build_server_context(
+            chain, key, policy=policy, client_auth=client_auth, ocsp_response=ocsp
+        )
+        sites = tuple(
+            _build_site(token, site, site_chain, policy, client_auth)
+            for site, site_chain in site_chains
+        )
         for site in sites:
             _check_custody(config, site.key)
         _route_names(context, chain, sites)
@@ -192,7 +213,23 @@ def _check_custody(config: ProxyConfig, key: TokenKey) -> None:
         )
 
 
-def _build_site(token: Token, site: SiteConfig, chain: Chain) -> Site:
+def _client_auth(store: SecretStore, policy: ClientAuthPolicy | None) -> ClientAuthPolicy | None:
+    """The client-auth policy with its CA bundle read now (every generation reads it)."""
+    if policy is None:
+        return None
+    where = policy.ca.describe()
+    with _checking(where, "read"):
+        pem = store.read(policy.ca)
+    return replace(policy, ca_certificates=load_ca_bundle(pem, where))
+
+
+def _build_site(
+    token: Token,
+    site: SiteConfig,
+    chain: Chain,
+    policy: TLSPolicy = "intermediate",
+    client_auth: ClientAuthPolicy | None = None,
+) -> Site:
     if site.key.token is not None and site.key.token != token.label:
         raise ConfigError(
             f"{site.key}: every key must live in the token that [tls] key names ({token.label!r})"
@@ -206,7 +243,8 @@ def _build_site(token: Token, site: SiteConfig, chain: Chain) -> Site:
             f"{site.certificate.describe()}: the certificate has no DNS name; list the "
             "server names it serves in names = [...]"
         )
-    return Site(names, key, chain, build_server_context(chain, key))
+    context = build_server_context(chain, key, policy=policy, client_auth=client_auth)
+    return Site(names, key, chain, context)
 
 
 def _route_names(default: SSL.Context, chain: Chain, sites: tuple[Site, ...]) -> None:
@@ -223,6 +261,15 @@ def _route_names(default: SSL.Context, chain: Chain, sites: tuple[Site, ...]) ->
                 )
             owners[lowered] = site.chain.source
     attach_sni_routes(default, [(site.names, site.ssl_context) for site in sites])
+
+
+def _is_directory(path: Path) -> bool:
+    """False for a directory this process may not look into (after dropping root, say):
+    the poll then reports the secret unreadable instead of the watcher crashing."""
+    try:
+        return path.is_dir() and os.access(path, os.R_OK | os.X_OK)
+    except OSError:
+        return False
 
 
 def expiry_warnings(generation: Generation, days: int, now: datetime.datetime) -> list[str]:
@@ -442,7 +489,7 @@ class Reloader:
             {
                 str(ref.file.parent)
                 for ref in config.secrets()
-                if ref.file is not None and ref.file.parent.is_dir()
+                if ref.file is not None and _is_directory(ref.file.parent)
             }
         )
 

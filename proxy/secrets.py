@@ -29,11 +29,15 @@ import os
 import stat
 import threading
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from proxy.errors import SecretError
+from proxy.hardening import check_private_file, remember_secret
+
+# What kinds of secret must sit in private files (a certificate chain is public).
+PRIVATE_SECRETS = frozenset({"PIN", "session-ticket key"})
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,14 @@ class SecretRef:
     env: str | None = None
     aws: str | None = None
     what: str = "PIN"
+    # Secret files (PIN, ticket keys) that group or others may read or write are refused
+    # unless security.allow_insecure_secret_files says so; certificates are public.
+    allow_insecure_permissions: bool = field(default=False, compare=False)
+
+    @property
+    def private(self) -> bool:
+        """Whether a file holding this secret must be private to its owner."""
+        return self.what in PRIVATE_SECRETS and not self.allow_insecure_permissions
 
     def describe(self) -> str:
         if self.file is not None:
@@ -139,7 +151,7 @@ class SecretStore:
     def read(self, ref: SecretRef) -> bytes:
         """The secret's bytes, as stored (no decoding, trimming or padding)."""
         if ref.file is not None:
-            return _read_file(ref.file, ref.what)
+            return _read_file(ref.file, ref.what, ref.private)
         if ref.env is not None:
             value = os.environ.get(ref.env)
             if value is None:
@@ -182,14 +194,17 @@ def read_pin(source: SecretRef, store: SecretStore | None = None) -> str:
                 f"{where} contains a control character (code {ord(char)}) at position "
                 f"{position}; only one trailing line break is allowed in a PIN file"
             )
+    remember_secret(pin)
     return pin
 
 
-def _read_file(path: Path, what: str) -> bytes:
+def _read_file(path: Path, what: str, private: bool = False) -> bytes:
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
             raise SecretError(f"{what} file {path} is not a regular file")
+        if private:
+            check_private_file(path, info, f"{what} file")
         return path.read_bytes()
     except FileNotFoundError:
         raise SecretError(f"{what} file {path} does not exist") from None

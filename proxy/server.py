@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -68,6 +69,7 @@ from proxy.config import (
     UpstreamGroup,
 )
 from proxy.errors import TLSError
+from proxy.hardening import redact_headers
 from proxy.http import (
     IDEMPOTENT_METHODS,
     ClientInfo,
@@ -81,6 +83,7 @@ from proxy.http import (
     switching_response,
     upstream_request,
 )
+from proxy.limits import HandshakeLimiter
 from proxy.logs import access_log, connection_context, log
 from proxy.reload import Generation, GenerationHolder
 from proxy.tls import TLSInfo, TLSStream
@@ -135,6 +138,8 @@ class ServerState:
         self.draining = True
         for scope in self.idle_scopes:
             scope.cancel()
+
+    handshakes: HandshakeLimiter | None = None
 
 
 class _ClientGone(Exception):
@@ -482,6 +487,7 @@ def _access(
                 "bytes_sent": exchange.bytes_sent - sent_before,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                 "upstream": where,
+                **_client_cert_field(exchange.tls_info),
             }
         },
     )
@@ -505,6 +511,9 @@ async def _serve_http(exchange: _Exchange, generation: Generation, state: Server
         if request is None:
             return
         first = False
+        if log.isEnabledFor(logging.DEBUG):
+            headers = redact_headers(request.headers.raw_items())
+            log.debug("request headers", extra={"fields": {"headers": headers}})
         started = time.perf_counter()
         sent_before = exchange.bytes_sent
         where = "-"
@@ -531,6 +540,24 @@ async def _serve_http(exchange: _Exchange, generation: Generation, state: Server
             return
 
 
+def _client_cert_field(info: TLSInfo) -> dict[str, str | None]:
+    """Who the client certificate says the client is, for the access log (mutual TLS)."""
+    if not info.client_auth:
+        return {}
+    return {"client_cert": info.client_identity.subject if info.client_identity else None}
+
+
+def _client_info(peer: str, info: TLSInfo, forwarded: bool) -> ClientInfo:
+    """What the forwarding rules learn of the client, verified identity included."""
+    return ClientInfo(
+        peer,
+        info.server_name,
+        identity=info.client_identity,
+        client_auth=info.client_auth,
+        forwarded=forwarded,
+    )
+
+
 async def handle_connection(state: ServerState, stream: trio.SocketStream) -> None:
     """Everything one client connection goes through; never raises."""
     connection_id = next(state.connection_ids)
@@ -539,6 +566,18 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
         peer = stream.socket.getpeername()[0]
     except OSError:
         peer = "unknown"
+    slot = state.handshakes.admit(peer) if state.handshakes is not None else None
+    if state.handshakes is not None and slot is None:
+        # Over the handshake limits: close before reading a byte or queueing a signature.
+        refused = state.handshakes.refusal_report()
+        if refused:
+            log.warning(
+                f"refused {refused} connections over the handshake limits",
+                extra={"fields": {"event": "handshake_limit", "client": peer}},
+            )
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.aclose()
+        return
     generation = state.holder.acquire()  # held for the handshake, the only part that signs
     # One mutable dict per connection: worker threads see the same object, so the SNI
     # name recorded during the handshake reaches the audit line of its signature.
@@ -568,8 +607,10 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
             return
         finally:
             state.holder.release(generation)
+            if slot is not None:
+                slot.release()
         http = generation.config.http
-        client = ClientInfo(peer, info.server_name, forwarded=http.forwarded)
+        client = _client_info(peer, info, http.forwarded)
         state.metrics.handshake_finished(
             info.version, "ok", time.perf_counter() - handshake_started, info.resumed
         )
@@ -766,10 +807,12 @@ async def serve(
     ``tasks`` run beside the listeners (the reloader); with ``operations.config``, the
     admin listener and its readiness probes too."""
     operations = operations or Operations()
+    security = holder.current.config.security
     state = ServerState(
         holder,
         trio.CapacityLimiter(holder.current.token.pool_size),
         metrics=operations.metrics,
+        handshakes=HandshakeLimiter(security.max_handshakes, security.max_handshakes_per_client),
     )
     operations.serving(holder.current.number, holder.current.chains())
     operations.metrics.track_queue(lambda: state.sign_limiter.statistics().tasks_waiting)

@@ -1,10 +1,23 @@
 """TLS: server contexts on the system OpenSSL, and a trio stream over pyOpenSSL memory BIOs.
 
 Theory of operation. :func:`build_server_context` makes one ``SSL.Context`` per served
-chain: TLS 1.2 (ECDHE with AEAD ciphers only) and TLS 1.3, no compression, no
-renegotiation, server cipher preference, ALPN ``http/1.1``, and a private key that is the
-token key bridged by keybridge.py. Key-exchange groups are left at OpenSSL's defaults, so
-that OpenSSL 3.5 keeps offering the post-quantum hybrid X25519MLKEM768.
+chain: a TLS policy (``intermediate``: TLS 1.2 with ECDHE and AEAD ciphers only, and TLS
+1.3; ``modern``: TLS 1.3 only), no compression, no renegotiation, server cipher preference,
+ALPN ``http/1.1``, and a private key that is the token key bridged by keybridge.py.
+Key-exchange groups are X25519MLKEM768 (post-quantum hybrid) first wherever the system
+OpenSSL offers it (3.5 and later), then X25519, P-256, P-384: :data:`KEY_EXCHANGE_GROUPS`
+is probed once against the running libssl, so OpenSSL 3.0 simply lacks the hybrid.
+
+Mutual TLS (:func:`install_client_auth`): the context verifies client chains against a CA
+bundle and calls :class:`ClientAuthPolicy` (clientauth.py) for the leaf, so a client outside
+the allow-lists fails the handshake itself. The session ID context carries the policy's
+fingerprint, so a session never resumes under a different client-auth policy (the classic
+SNI/resumption bypass); the identity is checked again after a resumed handshake. A context
+for another server name switched in by the SNI callback must have its verification copied
+onto the connection (:meth:`TLSStream.switch_context` does it): OpenSSL does not copy it.
+
+OCSP stapling: when the generation supplies a DER OCSP response (ocsp.py checked it), the
+context staples it to every handshake whose client asks; nothing goes to the network.
 
 :class:`TLSStream` wraps ``SSL.Connection(context, None)``: OpenSSL reads from and writes
 to memory BIOs, and this class moves bytes between those BIOs and the transport stream, in
@@ -57,20 +70,24 @@ HTTP framing (h11) detects truncated messages on its own.
 
 from __future__ import annotations
 
+import functools
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import cffi
 import trio
-from OpenSSL import SSL
+from cryptography import x509
+from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _pyopenssl_ffi
 from OpenSSL._util import lib as _typed_lib
 
 from proxy.certificates import Chain
+from proxy.clientauth import ClientAuthPolicy, ClientIdentity
 from proxy.errors import SecretError, TLSError
 from proxy.keybridge import (
     KeySigner,
@@ -94,6 +111,25 @@ TLS12_CIPHERS = b":".join(
     ]
 )
 ALPN_HTTP11 = b"http/1.1"
+
+TLSPolicy = Literal["intermediate", "modern"]
+TLS_POLICIES: tuple[TLSPolicy, ...] = ("intermediate", "modern")
+# Preferred first. X25519MLKEM768 is kept only where the system OpenSSL offers it.
+PREFERRED_GROUPS = ("X25519MLKEM768", "X25519", "P-256", "P-384")
+POST_QUANTUM_GROUP = "X25519MLKEM768"
+
+_ffi = cffi.FFI()
+_ffi.cdef(
+    """
+long SSL_CTX_ctrl(void *ctx, int cmd, long larg, void *parg);
+long SSL_ctrl(void *ssl, int cmd, long larg, void *parg);
+const char *SSL_group_to_name(void *ssl, int id);
+"""
+)
+_libssl: Any = _ffi.dlopen("libssl.so.3")
+_pyopenssl_lib: Any = _lib  # typed Optional in pyOpenSSL 25; always loaded
+_SSL_CTRL_SET_GROUPS_LIST = 92
+_SSL_CTRL_GET_NEGOTIATED_GROUP = 134
 _RECEIVE_SIZE = 65536
 # Plaintext goes into OpenSSL at most 64 KiB at a time, so the output memory BIO (which keeps
 # its largest size for the life of the connection) stays small; the ciphertext of up to
@@ -127,6 +163,7 @@ def _server_name_seen(connection: SSL.Connection) -> None:
         chosen = router.pick(text)
         if chosen is not None:
             connection.set_context(chosen)
+            apply_client_auth(connection, chosen)  # OpenSSL does not carry it over
     if isinstance(stream, TLSStream):
         stream.on_server_name(text)
 
@@ -162,10 +199,40 @@ def attach_sni_routes(
     return router
 
 
-def build_server_context(chain: Chain, key: KeySigner) -> SSL.Context:
-    """A server context that serves ``chain`` with the token key behind ``key``."""
-    context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+def _context_pointer(context: SSL.Context) -> Any:
+    return _ffi.cast("void *", int(_pyopenssl_ffi.cast("uintptr_t", context._context)))
+
+
+def _set_groups(context: SSL.Context, groups: tuple[str, ...]) -> bool:
+    names = _ffi.new("char[]", ":".join(groups).encode("ascii"))
+    result = _libssl.SSL_CTX_ctrl(_context_pointer(context), _SSL_CTRL_SET_GROUPS_LIST, 0, names)
+    _pyopenssl_lib.ERR_clear_error()
+    return bool(result == 1)
+
+
+@functools.cache
+def key_exchange_groups() -> tuple[str, ...]:
+    """The groups the proxy offers, most preferred first, as far as this libssl has them."""
+    probe = SSL.Context(SSL.TLS_SERVER_METHOD)
+    available = tuple(group for group in PREFERRED_GROUPS if _set_groups(probe, (group,)))
+    if not available or not _set_groups(probe, available):  # pragma: no cover - OpenSSL 3
+        raise TLSError("the system OpenSSL offers none of X25519, P-256, P-384")
+    return available
+
+
+def post_quantum_available() -> bool:
+    """Whether the system OpenSSL offers the hybrid X25519MLKEM768 key exchange."""
+    return POST_QUANTUM_GROUP in key_exchange_groups()
+
+
+def apply_policy(context: SSL.Context, policy: TLSPolicy) -> None:
+    """Versions, suites, groups and options of a named TLS policy (Mozilla's presets,
+    without the DHE suites of "intermediate": key exchange is ECDHE only)."""
+    if policy not in TLS_POLICIES:
+        raise TLSError(f"unknown TLS policy {policy!r} (known: {', '.join(TLS_POLICIES)})")
+    minimum = SSL.TLS1_3_VERSION if policy == "modern" else SSL.TLS1_2_VERSION
+    context.set_min_proto_version(minimum)
+    context.set_max_proto_version(SSL.TLS1_3_VERSION)
     context.set_options(
         SSL.OP_NO_COMPRESSION
         | SSL.OP_NO_RENEGOTIATION
@@ -173,12 +240,135 @@ def build_server_context(chain: Chain, key: KeySigner) -> SSL.Context:
         | SSL.OP_IGNORE_UNEXPECTED_EOF
     )
     context.set_cipher_list(TLS12_CIPHERS)
+    if not _set_groups(context, key_exchange_groups()):  # pragma: no cover - probed above
+        raise TLSError("the system OpenSSL refused the key-exchange group list")
+
+
+def _verify_client(
+    policy: ClientAuthPolicy,
+    connection: SSL.Connection,
+    certificate: crypto.X509,
+    error_number: int,
+    depth: int,
+    ok: int,
+) -> bool:
+    """OpenSSL's verdict on each certificate of the client chain, then the allow-lists on
+    the leaf. Never raises: a failure is recorded on the stream for the error message."""
+    stream = connection.get_app_data()
+    try:
+        if not ok:
+            reason = _pyopenssl_ffi.string(
+                _pyopenssl_lib.X509_verify_cert_error_string(error_number)
+            ).decode("ascii", "replace")
+            subject = certificate.to_cryptography().subject.rfc4514_string()
+            if isinstance(stream, TLSStream):
+                stream.client_rejection = f"client certificate {subject!r}: {reason}"
+            return False
+        if depth != 0:
+            return True
+        identity = ClientIdentity.from_certificate(certificate.to_cryptography())
+        admitted = policy.admits(identity)
+    except Exception:  # a malformed certificate: refuse, never crash the handshake thread
+        if isinstance(stream, TLSStream):
+            stream.client_rejection = "client certificate could not be parsed"
+        return False
+    if not admitted and isinstance(stream, TLSStream):
+        stream.client_rejection = (
+            f"client certificate {identity.describe()} is not in the allow-lists"
+        )
+    return admitted
+
+
+# Each context's client-auth policy (a context's app data is its SNI router).
+_client_auth_policies: weakref.WeakKeyDictionary[SSL.Context, ClientAuthPolicy] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def client_auth_of(context: SSL.Context) -> ClientAuthPolicy | None:
+    """The client-auth policy installed on ``context``, if any."""
+    return _client_auth_policies.get(context)
+
+
+def install_client_auth(context: SSL.Context, policy: ClientAuthPolicy) -> None:
+    """Verify client certificates on ``context`` as ``policy`` says, trusting the CAs
+    of ``policy.ca_certificates`` (the one place a client CA bundle reaches OpenSSL; a
+    reload builds a new context and calls this again)."""
+    if not policy.ca_certificates:
+        raise TLSError("client auth needs a CA bundle (clientauth.load_ca_bundle)")
+    store = context.get_cert_store()
+    if store is None:  # pragma: no cover - a server context always has a store
+        raise TLSError("the SSL context has no certificate store")
+    names = []
+    with warnings.catch_warnings():
+        # pyOpenSSL 24+ deprecates its X509 type in some places; these calls still take it.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for certificate in policy.ca_certificates:
+            converted = crypto.X509.from_cryptography(certificate)
+            store.add_cert(converted)
+            names.append(converted.get_subject())
+    context.set_client_ca_list(names)
+    mode = SSL.VERIFY_PEER
+    if policy.mode == "require":
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    context.set_verify(mode, functools.partial(_verify_client, policy))
+    context.set_verify_depth(8)
+    context.set_session_id(b"hsm-proxy-mtls-" + policy.fingerprint()[:16])
+    _client_auth_policies[context] = policy
+
+
+def apply_client_auth(connection: SSL.Connection, context: SSL.Context) -> None:
+    """Copy ``context``'s client verification onto ``connection``: call it after an SNI
+    callback switched the connection to ``context`` (per server name mutual TLS)."""
+    policy = client_auth_of(context)
+    if policy is not None:
+        mode = SSL.VERIFY_PEER
+        if policy.mode == "require":
+            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        connection.set_verify(mode, functools.partial(_verify_client, policy))
+    else:
+        connection.set_verify(SSL.VERIFY_NONE, None)
+
+
+def _peer_certificate(connection: SSL.Connection) -> x509.Certificate | None:
+    """The client's certificate as a ``cryptography`` object, on pyOpenSSL 23 and 25."""
+    try:  # pyOpenSSL 24.3+: no detour through its deprecated X509 type
+        certificate: x509.Certificate | None = connection.get_peer_certificate(as_cryptography=True)
+    except TypeError:
+        legacy = connection.get_peer_certificate()
+        certificate = None if legacy is None else legacy.to_cryptography()
+    return certificate
+
+
+def install_ocsp_response(context: SSL.Context, response: bytes) -> None:
+    """Staple ``response`` (DER, checked by ocsp.py) when a client asks for status."""
+
+    def staple(_connection: SSL.Connection, _data: object) -> bytes:
+        return response
+
+    context.set_ocsp_server_callback(staple)
+
+
+def build_server_context(
+    chain: Chain,
+    key: KeySigner,
+    policy: TLSPolicy = "intermediate",
+    client_auth: ClientAuthPolicy | None = None,
+    ocsp_response: bytes | None = None,
+) -> SSL.Context:
+    """A server context that serves ``chain`` with the token key behind ``key``."""
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    apply_policy(context, policy)
     context.set_alpn_select_callback(_choose_alpn)
     context.set_tlsext_servername_callback(_server_name_seen)
     context.set_session_id(b"hsm-proxy")
     # Free OpenSSL's ~34 KiB of record buffers while a connection is idle (as nginx does):
     # thousands of idle keep-alive connections then cost kilobytes each, not tens of them.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    if client_auth is not None:
+        install_client_auth(context, client_auth)
+    if ocsp_response:
+        install_ocsp_response(context, ocsp_response)
     pointer = int(_pyopenssl_ffi.cast("uintptr_t", context._context))
     install_certificate_and_key(pointer, chain.der(), key)
     return context
@@ -201,6 +391,11 @@ class TLSInfo:
     alpn: str | None
     server_name: str | None
     resumed: bool = False  # an abbreviated handshake: no token signature
+    # Key-exchange group ("X25519", "X25519MLKEM768", ...), when OpenSSL tells.
+    group: str | None = None
+    # Whether the context asked for a client certificate, and the admitted client's identity.
+    client_auth: bool = False
+    client_identity: ClientIdentity | None = None
 
 
 class TLSStream(trio.abc.Stream):
@@ -233,6 +428,15 @@ class TLSStream(trio.abc.Stream):
         self._handshake_done = False
         self._signed = False  # the token has signed for this handshake
         self.info: TLSInfo | None = None
+        # Why the client certificate was refused (set by the verify callback).
+        self.client_rejection: str | None = None
+
+    def switch_context(self, context: SSL.Context) -> None:
+        """Serve this connection from ``context`` instead: call it from ``on_server_name``
+        (per server name certificates and mutual TLS). The client-auth settings of
+        ``context`` come along, which OpenSSL does not do by itself."""
+        self._connection.set_context(context)
+        apply_client_auth(self._connection, context)
 
     # -- moving bytes between the BIOs and the transport --------------------------------
 
@@ -286,7 +490,7 @@ class TLSStream(trio.abc.Stream):
         except SSL.WantReadError:
             return "want-read"
         except SSL.Error as error:
-            return pop_signing_error() or _describe_ssl_error(error)
+            return pop_signing_error() or self.client_rejection or _describe_ssl_error(error)
         finally:
             self._signed = pop_signed() or self._signed
         return None
@@ -333,14 +537,44 @@ class TLSStream(trio.abc.Stream):
         self._handshake_done = True
         alpn = self._connection.get_alpn_proto_negotiated()
         server_name = self._connection.get_servername()
+        policy, identity = self._client_identity()
         self.info = TLSInfo(
             version=self._connection.get_protocol_version_name(),
             cipher=self._connection.get_cipher_name() or "",
             alpn=alpn.decode("ascii") if alpn else None,
             server_name=server_name.decode("idna") if server_name else None,
             resumed=session_reused(int(_pyopenssl_ffi.cast("uintptr_t", self._connection._ssl))),
+            group=self._negotiated_group(),
+            client_auth=policy is not None,
+            client_identity=identity,
         )
         return self.info
+
+    def _client_identity(self) -> tuple[ClientAuthPolicy | None, ClientIdentity | None]:
+        policy = client_auth_of(self._connection.get_context())
+        if policy is None:
+            return None, None
+        certificate = _peer_certificate(self._connection)
+        if certificate is None:
+            if policy.mode == "require":  # a resumed session that had no certificate
+                raise TLSError("TLS handshake failed: no client certificate")
+            return policy, None
+        identity = ClientIdentity.from_certificate(certificate)
+        # A resumed session skips certificate verification: check the allow-lists again.
+        if not policy.admits(identity):
+            raise TLSError(
+                f"TLS handshake failed: client certificate {identity.describe()} "
+                "is not in the allow-lists"
+            )
+        return policy, identity
+
+    def _negotiated_group(self) -> str | None:
+        ssl = _ffi.cast("void *", int(_pyopenssl_ffi.cast("uintptr_t", self._connection._ssl)))
+        group_id = _libssl.SSL_ctrl(ssl, _SSL_CTRL_GET_NEGOTIATED_GROUP, 0, _ffi.NULL)
+        if group_id <= 0:
+            return None
+        name = _libssl.SSL_group_to_name(ssl, group_id)
+        return _ffi.string(name).decode("ascii") if name != _ffi.NULL else None
 
     # -- trio.abc.Stream -----------------------------------------------------------------
 

@@ -32,6 +32,10 @@ from tests.support import (
 # before any test loads the module, for this process and every proxy it starts.
 _SOFTHSM_DIR = Path(tempfile.mkdtemp(prefix="hsm-proxy-tests-"))
 os.environ["SOFTHSM2_CONF"] = str(_SOFTHSM_DIR / "softhsm2.conf")
+# Files the tests write (PIN files above all) are private, as an operator's must be: the
+# proxy refuses secret files other users can read (security.allow_insecure_secret_files).
+# A test about that refusal sets the loose mode explicitly.
+os.umask(0o077)
 
 
 @pytest.fixture(scope="session")

@@ -271,10 +271,23 @@ class ProxyProcess:
         **options: Any,
     ) -> ProxyProcess:
         config = write_config(directory, hsm, ca, upstream_url, key, **options)
+        return cls.run_config(config, directory, env=env, run_args=run_args)
+
+    @classmethod
+    def run_config(
+        cls,
+        config: Path,
+        directory: Path,
+        *global_options: str,
+        env: dict[str, str] | None = None,
+        run_args: tuple[str, ...] = (),
+    ) -> ProxyProcess:
+        """``hsm-proxy [global_options] run --config CONFIG [run_args]``, serving (the caller
+        stops it)."""
         log_path = directory / f"proxy-{time.monotonic_ns()}.log"
         log_file = log_path.open("w")
         process = subprocess.Popen(
-            proxy_command("run", "--config", str(config), *run_args),
+            proxy_command(*global_options, "run", "--config", str(config), *run_args),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             text=True,
@@ -283,7 +296,11 @@ class ProxyProcess:
         )
         log_file.close()
         proxy = cls(process, log_path)
-        proxy.wait_until_serving()
+        try:
+            proxy.wait_until_serving()
+        except AssertionError:
+            proxy.stop()
+            raise
         return proxy
 
     def lines(self) -> list[dict[str, Any]]:

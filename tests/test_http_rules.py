@@ -9,10 +9,10 @@ from typing import Any
 import h11
 import pytest
 
+from proxy.clientauth import ClientIdentity
 from proxy.config import HTTPConfig, Route, UpstreamConfig, UpstreamGroup, parse_config
 from proxy.errors import ConfigError
 from proxy.http import (
-    ClientIdentity,
     ClientInfo,
     check_request,
     check_request_head,
@@ -104,7 +104,19 @@ def test_client_sent_identity_headers_never_reach_the_upstream() -> None:
     assert b"x-client-cert-subject" not in names(anonymous.headers)
     assert b"x-forwarded-client-cert" not in names(anonymous.headers)
     verified = upstream_request(
-        request, ClientInfo("10.0.0.1", identity=ClientIdentity("CN=alice,O=Example", "ab12"))
+        request,
+        ClientInfo(
+            "10.0.0.1",
+            identity=ClientIdentity(
+                subject="CN=alice,O=Example",
+                issuer="CN=CA",
+                common_names=("alice",),
+                dns_names=(),
+                uris=(),
+                spki_sha256=bytes(32),
+                fingerprint_sha256="ab12",
+            ),
+        ),
     )
     assert value(verified.headers, b"x-client-cert-subject") == b"CN=alice,O=Example"
     assert value(verified.headers, b"x-client-cert-fingerprint") == b"ab12"

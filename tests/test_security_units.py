@@ -1,0 +1,136 @@
+"""Units of the security modules, without a network: identity headers, admission limits,
+scrubbing and redaction."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import h11
+import pytest
+
+from proxy.clientauth import ClientAuthPolicy, ClientIdentity, identity_headers
+from proxy.errors import ConfigError
+from proxy.hardening import forget_secrets, redact_headers, remember_secret, scrub
+from proxy.http import ClientInfo, upstream_request
+from proxy.limits import HandshakeLimiter
+from proxy.secrets import SecretRef
+
+IDENTITY = ClientIdentity(
+    subject="CN=Zoë\\, the admin,O=Example",
+    issuer="CN=Client CA",
+    common_names=("Zoë, the admin",),
+    dns_names=("a.internal", "b.internal"),
+    uris=("spiffe://example.org/a,b", "spiffe://example.org/100%"),
+    spki_sha256=bytes(range(32)),
+)
+
+CA_REF = SecretRef(file=Path("client-ca.pem"), what="client CA bundle")
+
+
+def test_identity_headers_are_ascii_and_unambiguous() -> None:
+    headers = dict(identity_headers(IDENTITY))
+    assert headers[b"X-Client-Cert-Verified"] == b"success"
+    # A distinguished name keeps its own (escaped) commas; non-ASCII is percent-encoded.
+    assert headers[b"X-Client-Cert-Subject"] == b"CN=Zo%C3%AB\\, the admin,O=Example"
+    # In list headers a comma inside an entry is encoded, so the list splits correctly.
+    assert headers[b"X-Client-Cert-CN"] == b"Zo%C3%AB%2C the admin"
+    assert headers[b"X-Client-Cert-DNS"] == b"a.internal,b.internal"
+    assert headers[b"X-Client-Cert-URI"] == (
+        b"spiffe://example.org/a%2Cb,spiffe://example.org/100%25"
+    )
+    assert base64.b64decode(headers[b"X-Client-Cert-SPKI-SHA256"]) == bytes(range(32))
+    assert identity_headers(None) == ((b"X-Client-Cert-Verified", b"none"),)
+
+
+def test_identity_headers_replace_whatever_the_client_sent() -> None:
+    request = h11.Request(
+        method="GET",
+        target="/",
+        headers=[
+            ("Host", "a"),
+            ("x-CLIENT-cert-cn", "root"),
+            ("X-Forwarded-Client-Cert", "By=x"),
+            ("X-Client-Certainly", "kept: not our prefix"),
+        ],
+    )
+    client = ClientInfo("192.0.2.1", "a", identity=IDENTITY, client_auth=True)
+    sent = [(name.lower(), value) for name, value in upstream_request(request, client).headers]
+    assert (b"x-client-cert-cn", b"root") not in sent
+    assert (b"x-client-cert-cn", b"Zo%C3%AB%2C the admin") in sent
+    assert not any(name == b"x-forwarded-client-cert" for name, _ in sent)
+    assert (b"x-client-certainly", b"kept: not our prefix") in sent
+
+
+def test_allow_lists_match_exactly() -> None:
+    policy = ClientAuthPolicy(
+        mode="require",
+        ca=CA_REF,
+        allow_cn=frozenset({"Zoë, the admin"}),
+        allow_dns=frozenset({"c.internal"}),
+    )
+    assert policy.admits(IDENTITY)
+    assert not ClientAuthPolicy(
+        mode="require", ca=CA_REF, allow_uri=frozenset({"spiffe://example.org/a"})
+    ).admits(IDENTITY)  # a prefix of an allowed URI is not the URI
+    assert ClientAuthPolicy(
+        mode="require", ca=CA_REF, allow_spki_sha256=frozenset({bytes(range(32))})
+    ).admits(IDENTITY)
+    with pytest.raises(ConfigError, match="no client would be admitted"):
+        ClientAuthPolicy(mode="require", ca=CA_REF)
+
+
+def test_handshake_limiter_counts_per_client_and_in_total() -> None:
+    now = [0.0]
+    limiter = HandshakeLimiter(max_total=3, max_per_client=2, clock=lambda: now[0])
+    first = limiter.admit("a")
+    second = limiter.admit("a")
+    assert first is not None
+    assert second is not None
+    assert limiter.admit("a") is None
+    third = limiter.admit("b")
+    assert third is not None
+    assert limiter.admit("c") is None  # the total is reached
+    assert limiter.refusal_report() == 2
+    assert limiter.admit("c") is None
+    assert limiter.refusal_report() is None  # not again within the interval
+    now[0] = 11.0
+    assert limiter.refusal_report() == 1
+    first.release()
+    first.release()  # releasing twice frees one slot only
+    assert limiter.in_progress == 2
+    with third:
+        pass
+    assert limiter.admit("c") is not None
+    assert limiter.clients() == 2
+    assert limiter.refused_total == 3
+
+
+def test_scrub_replaces_registered_secrets_and_their_repr_form() -> None:
+    try:
+        remember_secret("s3cr'et-pin")
+        remember_secret("123")  # too short to scrub without destroying logs
+        assert scrub("pin s3cr'et-pin and 's3cr\\'et-pin' and 123") == (
+            "pin [redacted] and '[redacted]' and 123"
+        )
+    finally:
+        forget_secrets()
+
+
+def test_credential_headers_are_redacted() -> None:
+    headers = [
+        (b"Authorization", b"Bearer x"),
+        (b"cookie", b"a=b"),
+        (b"Set-Cookie", b"a=b"),
+        (b"Proxy-Authorization", b"Basic x"),
+        (b"X-Api-Key", b"k"),
+        (b"Accept", b"*/*"),
+    ]
+    assert redact_headers(headers) == [
+        ("Authorization", "[redacted]"),
+        ("cookie", "[redacted]"),
+        ("Set-Cookie", "[redacted]"),
+        ("Proxy-Authorization", "[redacted]"),
+        ("X-Api-Key", "[redacted]"),
+        ("Accept", "*/*"),
+    ]
