@@ -118,6 +118,7 @@ class ServerState:
     draining: bool = False
     idle_scopes: set[trio.CancelScope] = field(default_factory=set)
     _routing: tuple[ProxyConfig, Routing] | None = None
+    handshakes: HandshakeLimiter | None = None  # security.max_handshakes[_per_client]
 
     def routing(self, config: ProxyConfig) -> Routing:
         """Pools are shared by every configuration that names the same upstream group."""
@@ -138,8 +139,6 @@ class ServerState:
         self.draining = True
         for scope in self.idle_scopes:
             scope.cancel()
-
-    handshakes: HandshakeLimiter | None = None
 
 
 class _ClientGone(Exception):
