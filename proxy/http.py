@@ -94,8 +94,11 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
 
 
 def end_to_end_headers(headers: Headers) -> Headers:
-    """``headers`` without hop-by-hop headers, nor any header the Connection header names."""
-    drop = HOP_BY_HOP | _connection_tokens(headers)
+    """``headers`` without hop-by-hop headers, nor any header the Connection header names,
+    except Content-Length and Host: ``Connection: Content-Length`` must not turn a body the
+    proxy read by its length into one the next hop cannot delimit, nor ``Connection: Host``
+    make the upstream see another host than the one the request was routed by."""
+    drop = HOP_BY_HOP | (_connection_tokens(headers) - {b"content-length", b"host"})
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 

@@ -241,6 +241,22 @@ def test_arbitrary_bytes_never_break_the_core(data: bytes, cuts: list[int]) -> N
             check_unambiguous(request)
 
 
+def test_connection_naming_content_length_keeps_the_body_framed() -> None:
+    # Found by the property test above: Connection: Content-Length used to strip the length
+    # of a body the proxy had read by it, so the next hop could not delimit it.
+    request = (
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: Content-Length\r\n\r\n"
+    )
+    [forwarded] = drive(request + b"hello", [])
+    assert forwarded.complete
+    check_unambiguous(forwarded)
+    assert forwarded.received_body == b"hello"
+    host = next(value for name, value in forwarded.head.headers if name == b"host")
+    assert host == b"a"
+    routed = drive(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: Host\r\n\r\n", [])
+    assert b"\r\nHost: b\r\n" in routed[0].wire
+
+
 def test_content_length_with_transfer_encoding_is_refused_not_forwarded() -> None:
     smuggle = (
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
