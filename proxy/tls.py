@@ -124,10 +124,33 @@ _ffi.cdef(
 long SSL_CTX_ctrl(void *ctx, int cmd, long larg, void *parg);
 long SSL_ctrl(void *ssl, int cmd, long larg, void *parg);
 const char *SSL_group_to_name(void *ssl, int id);
+size_t BIO_ctrl_pending(void *b);
+int SSL_pending(const void *ssl);
 """
 )
 _libssl: Any = _ffi.dlopen("libssl.so.3")
 _pyopenssl_lib: Any = _lib  # typed Optional in pyOpenSSL 25; always loaded
+
+
+def _same_pointer(pointer: Any) -> Any:
+    """A pointer of pyOpenSSL's cffi as a pointer of ours (same address, same libssl)."""
+    return _ffi.cast("void *", int(_pyopenssl_ffi.cast("uintptr_t", pointer)))
+
+
+# pyOpenSSL 23 (Debian 12) binds these; pyOpenSSL 25 (Debian 13) no longer does, so they
+# come from the same libssl.so.3 through our own cffi there.
+if hasattr(_pyopenssl_lib, "BIO_ctrl_pending") and hasattr(_pyopenssl_lib, "SSL_pending"):
+    _bio_pending: Callable[[Any], int] = _pyopenssl_lib.BIO_ctrl_pending
+    _ssl_pending: Callable[[Any], int] = _pyopenssl_lib.SSL_pending
+else:
+
+    def _bio_pending(bio: Any) -> int:
+        return int(_libssl.BIO_ctrl_pending(_same_pointer(bio)))
+
+    def _ssl_pending(ssl: Any) -> int:
+        return int(_libssl.SSL_pending(_same_pointer(ssl)))
+
+
 _SSL_CTRL_SET_GROUPS_LIST = 92
 _SSL_CTRL_GET_NEGOTIATED_GROUP = 134
 _RECEIVE_SIZE = 65536
@@ -443,7 +466,7 @@ class TLSStream(trio.abc.Stream):
     def _take_outgoing(self) -> bytes:
         # Ask the memory BIO how much it holds and read exactly that: no "want read"
         # exception for the usual case of an empty BIO.
-        pending = _lib.BIO_ctrl_pending(self._from_ssl)
+        pending = _bio_pending(self._from_ssl)
         if not pending:
             return b""
         return self._connection.bio_read(pending)  # type: ignore[no-any-return]
@@ -452,10 +475,10 @@ class TLSStream(trio.abc.Stream):
         """True when OpenSSL cannot make progress without more bytes from the peer: its
         input BIO is empty and it holds no decrypted data. (Without read-ahead OpenSSL takes
         one record at a time from the BIO, so it never sits on a whole undecrypted record.)"""
-        return not _lib.BIO_ctrl_pending(self._into_ssl) and not _lib.SSL_pending(self._ssl)
+        return not _bio_pending(self._into_ssl) and not _ssl_pending(self._ssl)
 
     async def _flush(self) -> None:
-        if not _lib.BIO_ctrl_pending(self._from_ssl):
+        if not _bio_pending(self._from_ssl):
             return  # nothing to send: no lock, no checkpoint
         await _acquire(self._send_lock)
         try:
