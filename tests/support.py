@@ -304,11 +304,10 @@ class ProxyProcess:
         return proxy
 
     def lines(self) -> list[dict[str, Any]]:
-        parsed = []
-        for line in self.log_path.read_text().splitlines():
-            if line.startswith("{"):
-                parsed.append(json.loads(line))
-        return parsed
+        """The JSON log lines written so far; a last line still being written is left out."""
+        text = self.log_path.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
 
     def wait_until_serving(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
