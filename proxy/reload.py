@@ -59,6 +59,7 @@ from proxy.tls import (
     parse_ticket_key,
 )
 from proxy.token import SignatureObserver, Token, TokenKey
+from proxy.workers import inherited_ticket_key
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,10 @@ def build_generation(
             ticket = parse_ticket_key(raw, ref.describe())
         if ticket not in tickets:  # the same key listed twice (mid-rotation) is harmless
             tickets.append(ticket)
+    if not config.tls.session_ticket_keys:
+        shared = inherited_ticket_key()
+        if shared is not None:
+            tickets.append(parse_ticket_key(shared, "the workers' shared session-ticket key"))
     if previous is not None and previous.ticket_keys and tickets:
         old = previous.ticket_keys[0]
         if all(key.name != old.name for key in tickets):

@@ -42,6 +42,33 @@ from proxy.logs import log
 
 WORKER_LISTEN_ENV = "HSM_PROXY_WORKER_LISTEN"
 READY_FD_ENV = "HSM_PROXY_READY_FD"
+TICKET_KEY_FD_ENV = "HSM_PROXY_TICKET_KEY_FD"
+_SHARED_TICKET_KEY_SIZE = 80  # tls.TICKET_KEY_SIZE; workers.py does not import the TLS layer
+_inherited_ticket_key: list[bytes | None] = []
+
+
+def inherited_ticket_key() -> bytes | None:
+    """The session-ticket key the supervisor gave this worker (read once from a pipe).
+
+    Without it each worker would make its own, and a client resumed by another worker than
+    the one that issued its ticket would pay a full handshake, and a token signature.
+    ``None`` outside a supervised worker.
+    """
+    if not _inherited_ticket_key:
+        text = os.environ.get(TICKET_KEY_FD_ENV)
+        key = None
+        if text is not None:
+            with os.fdopen(int(text), "rb") as pipe:
+                key = pipe.read(_SHARED_TICKET_KEY_SIZE + 1)
+            if len(key) != _SHARED_TICKET_KEY_SIZE:
+                raise ConfigError(
+                    f"the supervisor's ticket key is {len(key)} bytes, expected exactly "
+                    f"{_SHARED_TICKET_KEY_SIZE}"
+                )
+        _inherited_ticket_key.append(key)
+    return _inherited_ticket_key[0]
+
+
 _STOP_MARGIN_SECONDS = 5.0  # beyond the workers' own shutdown grace
 _YOUNG_SECONDS = 5.0
 _MAX_RESTART_DELAY = 30.0
@@ -118,14 +145,24 @@ class Supervisor:
         self._ready: set[int] = set()
         self._ready_lock = threading.Lock()
         self._stopping = threading.Event()
+        # One session-ticket key for all workers, in memory only, handed over on a pipe:
+        # used when the config names none, so that workers resume each other's sessions.
+        self._ticket_key = os.urandom(_SHARED_TICKET_KEY_SIZE)
 
     def _spawn(self, number: int, addresses: list[tuple[int, str, int]], ready_fd: int) -> _Worker:
+        key_read, key_write = os.pipe()
+        os.write(key_write, self._ticket_key)  # 80 bytes: far below a pipe's buffer
+        os.close(key_write)
         env = {
             **os.environ,
             WORKER_LISTEN_ENV: json.dumps(addresses),
             READY_FD_ENV: str(ready_fd),
+            TICKET_KEY_FD_ENV: str(key_read),
         }
-        process = subprocess.Popen(self._command, env=env, pass_fds=(ready_fd,))
+        try:
+            process = subprocess.Popen(self._command, env=env, pass_fds=(ready_fd, key_read))
+        finally:
+            os.close(key_read)
         log.info(
             f"worker {number} started (pid {process.pid})",
             extra={

@@ -354,3 +354,30 @@ def test_a_refused_pin_during_recovery_is_not_retried(
     assert [e.get("event") for e in proxy.lines()].count("token_recovery_failed") == attempts
     assert "a-wrong-pin-7781" not in proxy.log_path.read_text()
     assert TOKEN_PIN not in proxy.log_path.read_text()
+
+
+def test_workers_share_one_ticket_key_so_either_resumes_a_session(
+    proxy_factory: ProxyFactory, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    """With no ticket keys configured, the supervisor hands one to every worker: a session
+    issued by one worker resumes on the other, with no token signature."""
+    proxy = proxy_factory("ec256", run_args=("--workers", "2"))
+    proxy.wait_for_log(lambda entry: entry.get("event") == "workers_ready", timeout=30)
+    context = client_context(ca, ssl.TLSVersion.TLSv1_2)
+
+    def connect(session: ssl.SSLSession | None) -> tuple[ssl.SSLSession | None, bool]:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                while tls.recv(65536):
+                    pass
+                return tls.session, bool(tls.session_reused)
+
+    session, _ = connect(None)
+    before = proxy.signatures()
+    # SO_REUSEPORT spreads new connections over both workers by a hash of their addresses.
+    reused = [connect(session)[1] for _ in range(12)]
+    assert reused == [True] * 12
+    assert proxy.signatures() == before
+    pids = {e["pid"] for e in proxy.lines() if e.get("message") == "request" and "pid" in e}
+    assert len(pids) == 2, "both workers should have answered some of the 13 connections"
