@@ -40,7 +40,7 @@ from prometheus_client import (
 )
 
 from proxy import __version__
-from proxy.certificates import Chain, _not_before
+from proxy.certificates import Chain, not_valid_before
 from proxy.config import AdminConfig
 from proxy.errors import ProxyError
 from proxy.logs import connection_context
@@ -87,7 +87,7 @@ class ServedCertificate:
 
     @classmethod
     def of(cls, chain: Chain) -> ServedCertificate:
-        starts = max(_not_before(certificate) for certificate in chain.certificates)
+        starts = max(not_valid_before(certificate) for certificate in chain.certificates)
         return cls(
             tuple(server_names(chain)),
             chain.source,

@@ -52,7 +52,7 @@ class Chain:
         return [cert.public_bytes(serialization.Encoding.DER) for cert in self.certificates]
 
     def not_after(self) -> datetime.datetime:
-        return _not_after(self.leaf)
+        return not_valid_after(self.leaf)
 
 
 def spki_fingerprint(spki_der: bytes) -> str:
@@ -66,7 +66,8 @@ def public_key_der(certificate: x509.Certificate) -> bytes:
     )
 
 
-def _not_before(certificate: x509.Certificate) -> datetime.datetime:
+def not_valid_before(certificate: x509.Certificate) -> datetime.datetime:
+    """The certificate's notBefore as an aware UTC datetime, on cryptography 38 and 43 alike."""
     # cryptography >= 42 (Debian 13) deprecates the naive properties; 38 (Debian 12) lacks these.
     value = getattr(certificate, "not_valid_before_utc", None)
     if value is None:
@@ -74,7 +75,8 @@ def _not_before(certificate: x509.Certificate) -> datetime.datetime:
     return value  # type: ignore[no-any-return]
 
 
-def _not_after(certificate: x509.Certificate) -> datetime.datetime:
+def not_valid_after(certificate: x509.Certificate) -> datetime.datetime:
+    """The certificate's notAfter as an aware UTC datetime."""
     value = getattr(certificate, "not_valid_after_utc", None)
     if value is None:
         value = certificate.not_valid_after.replace(tzinfo=datetime.UTC)
@@ -128,15 +130,15 @@ def validate_chain(chain: Chain, now: datetime.datetime | None = None) -> None:
     now = now or datetime.datetime.now(datetime.UTC)
     for position, certificate in enumerate(chain.certificates, start=1):
         subject = certificate.subject.rfc4514_string()
-        if now < _not_before(certificate):
+        if now < not_valid_before(certificate):
             raise CertificateError(
                 f"{chain.source}: certificate {position} ({subject}) is not valid before "
-                f"{_not_before(certificate):%Y-%m-%d %H:%M:%S}Z"
+                f"{not_valid_before(certificate):%Y-%m-%d %H:%M:%S}Z"
             )
-        if now > _not_after(certificate):
+        if now > not_valid_after(certificate):
             raise CertificateError(
                 f"{chain.source}: certificate {position} ({subject}) expired on "
-                f"{_not_after(certificate):%Y-%m-%d %H:%M:%S}Z"
+                f"{not_valid_after(certificate):%Y-%m-%d %H:%M:%S}Z"
             )
     for position, (child, issuer) in enumerate(
         zip(chain.certificates, chain.certificates[1:], strict=False), start=1

@@ -31,7 +31,7 @@ from proxy.errors import ProxyError
 from proxy.keybridge import verify_shared_libcrypto
 
 # The same loaders a reload uses, so check and reload agree on every message.
-from proxy.reload import _build_site, _check_custody, _checking, _load_chain
+from proxy.reload import build_site, check_custody, checking, load_chain_secret
 from proxy.secrets import SecretRef, SecretStore, default_store, read_pin
 from proxy.tls import TicketKey, build_server_context, parse_ticket_key
 from proxy.token import SignatureObserver, Token, TokenKey
@@ -82,11 +82,13 @@ def run_checks(config_path: Path, observer: SignatureObserver) -> list[Row]:
     store.configure_aws(config.aws)
     chain = run.step(
         "certificate",
-        lambda: _load_chain(store, config.tls.certificate_ref()),
+        lambda: load_chain_secret(store, config.tls.certificate_ref()),
         _describe_chain,
     )
     site_chains = [
-        run.step(f"sni[{number}]", partial(_load_chain, store, site.certificate), _describe_chain)
+        run.step(
+            f"sni[{number}]", partial(load_chain_secret, store, site.certificate), _describe_chain
+        )
         for number, site in enumerate(config.tls.sni, start=1)
     ]
     for ref in config.tls.session_ticket_keys:
@@ -154,7 +156,7 @@ def run_checks(config_path: Path, observer: SignatureObserver) -> list[Row]:
 
 
 def _read_pin(source: SecretRef, store: SecretStore) -> str:
-    with _checking(source.describe(), "read"):
+    with checking(source.describe(), "read"):
         return read_pin(source, store)
 
 
@@ -181,7 +183,7 @@ def _check_sites(
             continue
         run.step(
             name,
-            partial(_build_site, token, site, chain),
+            partial(build_site, token, site, chain),
             lambda built: (
                 f"{', '.join(built.names)} -> {built.key.info.describe()}; "
                 "a test signature verified"
@@ -221,7 +223,7 @@ def _check_key(run: _Run, config: ProxyConfig, token: Token | None) -> TokenKey 
     )
     problems = info.custody_problems()
     if problems and config.token.key_custody == "refuse":
-        run.step("custody", partial(_check_custody, config, key), lambda _r: attributes)
+        run.step("custody", partial(check_custody, config, key), lambda _r: attributes)
     elif problems:
         run.add(
             WARN,

@@ -424,7 +424,7 @@ def _security_checks(path: Path) -> list[Row]:
     from proxy.checks import FAIL, OK, Row
     from proxy.keybridge import verify_shared_libcrypto
     from proxy.ocsp import check_ocsp_response
-    from proxy.reload import _client_auth, _load_chain
+    from proxy.reload import _client_auth, load_chain_secret
     from proxy.secrets import default_store
 
     try:
@@ -441,7 +441,7 @@ def _security_checks(path: Path) -> list[Row]:
     if config.tls.ocsp_response is not None:
         ref = config.tls.ocsp_response
         try:
-            chain = _load_chain(store, config.tls.certificate_ref())
+            chain = load_chain_secret(store, config.tls.certificate_ref())
             check_ocsp_response(store.read(ref), chain, ref.describe())
         except ProxyError as exc:
             rows = [row for row in rows if row.name != "ocsp"]

@@ -91,7 +91,7 @@ class Generation:
 
 
 @contextmanager
-def _checking(
+def checking(
     secret: str, check: str, kinds: type[ProxyError] | tuple[type[ProxyError], ...] = ProxyError
 ) -> Iterator[None]:
     """Re-raise a ProxyError (same type) prefixed with the secret and the check that failed."""
@@ -104,14 +104,14 @@ def _checking(
         raise type(exc)(f"{secret}: {check} failed: {text}") from None
 
 
-def _load_chain(store: SecretStore, ref: SecretRef) -> Chain:
+def load_chain_secret(store: SecretStore, ref: SecretRef) -> Chain:
     where = ref.describe()
-    with _checking(where, "read"):
+    with checking(where, "read"):
         pem = store.read(ref)
     source = str(ref.file) if ref.file is not None else where
-    with _checking(where, "parse"):
+    with checking(where, "parse"):
         chain = parse_chain(pem, source)
-    with _checking(where, "chain order and validity dates"):
+    with checking(where, "chain order and validity dates"):
         validate_chain(chain)
     return chain
 
@@ -141,13 +141,13 @@ def build_generation(
     verify_shared_libcrypto()
     store = store or default_store()
     store.configure_aws(config.aws)
-    chain = _load_chain(store, config.tls.certificate_ref())
-    site_chains = [(site, _load_chain(store, site.certificate)) for site in config.tls.sni]
+    chain = load_chain_secret(store, config.tls.certificate_ref())
+    site_chains = [(site, load_chain_secret(store, site.certificate)) for site in config.tls.sni]
     tickets: list[TicketKey] = []
     for ref in config.tls.session_ticket_keys:
-        with _checking(ref.describe(), "read"):
+        with checking(ref.describe(), "read"):
             raw = store.read(ref)
-        with _checking(ref.describe(), "size"):
+        with checking(ref.describe(), "size"):
             ticket = parse_ticket_key(raw, ref.describe())
         if ticket not in tickets:  # the same key listed twice (mid-rotation) is harmless
             tickets.append(ticket)
@@ -163,13 +163,13 @@ def build_generation(
     ocsp = None
     if config.tls.ocsp_response is not None:
         ref = config.tls.ocsp_response
-        with _checking(ref.describe(), "read"):
+        with checking(ref.describe(), "read"):
             der = store.read(ref)
         ocsp = check_ocsp_response(der, chain, ref.describe())
-    with _checking(config.token.pin.describe(), "read"):
+    with checking(config.token.pin.describe(), "read"):
         pin = read_pin(config.token.pin, store)
     pin_store = store
-    with _checking(config.token.pin.describe(), "login", (LoginError, SecretError)):
+    with checking(config.token.pin.describe(), "login", (LoginError, SecretError)):
         token = Token(
             config.token.module,
             config.tls.key,
@@ -182,8 +182,8 @@ def build_generation(
     del pin
     try:
         key = token.find_private_key(config.tls.key)
-        _check_custody(config, key)
-        with _checking(config.tls.certificate_ref().describe(), "certificate matches token key"):
+        check_custody(config, key)
+        with checking(config.tls.certificate_ref().describe(), "certificate matches token key"):
             check_key_matches(chain, key)
         # Every context of the listener gets its TLS policy and client-auth rules, so no
         # server name can be reached around them; the OCSP staple is the default chain's.
@@ -192,11 +192,11 @@ def build_generation(
             chain, key, policy=policy, client_auth=client_auth, ocsp_response=ocsp
         )
         sites = tuple(
-            _build_site(token, site, site_chain, policy, client_auth)
+            build_site(token, site, site_chain, policy, client_auth)
             for site, site_chain in site_chains
         )
         for site in sites:
-            _check_custody(config, site.key)
+            check_custody(config, site.key)
         _route_names(context, chain, sites)
         if tickets:
             for each in [context, *(site.ssl_context for site in sites)]:
@@ -207,7 +207,7 @@ def build_generation(
     return Generation(number, config, token, key, chain, context, sites, tuple(tickets))
 
 
-def _check_custody(config: ProxyConfig, key: TokenKey) -> None:
+def check_custody(config: ProxyConfig, key: TokenKey) -> None:
     """Refuse a key whose value could leave the token, when token.key_custody says so."""
     problems = key.info.custody_problems()
     if problems and config.token.key_custody == "refuse":
@@ -223,12 +223,12 @@ def _client_auth(store: SecretStore, policy: ClientAuthPolicy | None) -> ClientA
     if policy is None:
         return None
     where = policy.ca.describe()
-    with _checking(where, "read"):
+    with checking(where, "read"):
         pem = store.read(policy.ca)
     return replace(policy, ca_certificates=load_ca_bundle(pem, where))
 
 
-def _build_site(
+def build_site(
     token: Token,
     site: SiteConfig,
     chain: Chain,
@@ -240,7 +240,7 @@ def _build_site(
             f"{site.key}: every key must live in the token that [tls] key names ({token.label!r})"
         )
     key = token.find_private_key(site.key)
-    with _checking(site.certificate.describe(), "certificate matches token key"):
+    with checking(site.certificate.describe(), "certificate matches token key"):
         check_key_matches(chain, key)
     names = site.names or _dns_names(chain)
     if not names:
