@@ -54,20 +54,29 @@ class HSMEndpoint:
 
     def log_lines(self) -> list[dict[str, Any]]:
         """The proxy's JSON log lines so far: access lines, and audit lines per signature."""
-        return [
-            json.loads(line)
-            for line in self.log_path.read_text().splitlines()
-            if line.startswith("{")
-        ]
+        return read_json_lines(self.log_path)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines written to ``path`` so far; a last line still being written is
+    left out (the proxy may be in the middle of it)."""
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
+
+
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM (the proxy drains and exits), then SIGKILL after 10 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def start_endpoint(state_dir: Path, log_path: Path, upstream_url: str | None) -> HSMEndpoint:

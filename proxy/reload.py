@@ -37,10 +37,9 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import trio
-from OpenSSL import SSL
 
 from proxy.certificates import Chain, check_key_matches, parse_chain, validate_chain
 from proxy.clientauth import ClientAuthPolicy, load_ca_bundle
@@ -60,6 +59,9 @@ from proxy.tls import (
 )
 from proxy.token import SignatureObserver, Token, TokenKey
 from proxy.workers import inherited_ticket_key
+
+if TYPE_CHECKING:  # only tls.py and keybridge.py touch OpenSSL; this is a type name
+    from OpenSSL import SSL
 
 
 @dataclass(frozen=True)

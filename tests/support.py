@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from proxy.certificates import DevCA
 from proxy.devstate import find_softhsm_module, use_softhsm_config
 from proxy.pkcs11uri import KeyURI
+from proxy.pytest_plugin import read_json_lines, stop_process
 from proxy.token import Token, generate_key, initialize_token
 
 TOKEN_LABEL = "proxy"
@@ -305,9 +305,7 @@ class ProxyProcess:
 
     def lines(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far; a last line still being written is left out."""
-        text = self.log_path.read_text()
-        complete = text[: text.rfind("\n") + 1]
-        return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
+        return read_json_lines(self.log_path)
 
     def wait_until_serving(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -346,13 +344,7 @@ class ProxyProcess:
         return f"https://localhost:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 ProxyFactory = Callable[..., ProxyProcess]

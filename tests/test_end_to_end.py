@@ -18,6 +18,17 @@ KEYS = ["ec256", "ec384", "rsa2048"]
 VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
+def _s_client(port: int, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """`openssl s_client` against the proxy on loopback, with ``stdin`` as what it sends."""
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize("key", KEYS)
 def test_stdlib_client_gets_the_upstream_answer_over_tls12_and_tls13(
     key: str, proxy_factory: ProxyFactory, ca: trustme.CA, upstream: RecordingUpstream
@@ -93,26 +104,18 @@ def test_openssl_s_client_verifies_the_chain(
     proxy = proxy_factory(key)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    result = subprocess.run(
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"127.0.0.1:{proxy.port}",
-            version,
-            "-CAfile",
-            str(ca_file),
-            "-servername",
-            "localhost",
-            "-verify_return_error",
-            "-alpn",
-            "http/1.1",
-            "-ign_eof",
-        ],
-        input=b"GET /s_client HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-        capture_output=True,
-        timeout=30,
-        check=False,
+    result = _s_client(
+        proxy.port,
+        version,
+        "-CAfile",
+        str(ca_file),
+        "-servername",
+        "localhost",
+        "-verify_return_error",
+        "-alpn",
+        "http/1.1",
+        "-ign_eof",
+        stdin=b"GET /s_client HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     )
     output = result.stdout.decode(errors="replace")
     assert result.returncode == 0, result.stderr.decode(errors="replace")
@@ -127,23 +130,15 @@ def test_openssl_client_forcing_pkcs1_signatures_uses_ckm_rsa_pkcs(
     proxy = proxy_factory("rsa2048")
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    result = subprocess.run(
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"127.0.0.1:{proxy.port}",
-            "-tls1_2",
-            "-sigalgs",
-            "RSA+SHA256",
-            "-CAfile",
-            str(ca_file),
-            "-verify_return_error",
-        ],
-        input=b"Q\n",
-        capture_output=True,
-        timeout=30,
-        check=False,
+    result = _s_client(
+        proxy.port,
+        "-tls1_2",
+        "-sigalgs",
+        "RSA+SHA256",
+        "-CAfile",
+        str(ca_file),
+        "-verify_return_error",
+        stdin=b"Q\n",
     )
     assert result.returncode == 0, result.stdout.decode(errors="replace")
     audit = [entry for entry in proxy.lines() if entry.get("event") == "token_signature"]
@@ -192,21 +187,7 @@ def test_a_client_offering_only_tls11_is_refused(
     proxy_factory: ProxyFactory, ca: trustme.CA, upstream: RecordingUpstream
 ) -> None:
     proxy = proxy_factory("ec256")
-    result = subprocess.run(
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"127.0.0.1:{proxy.port}",
-            "-tls1_1",
-            "-cipher",
-            "DEFAULT@SECLEVEL=0",
-        ],
-        input=b"",
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
+    result = _s_client(proxy.port, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
     assert result.returncode != 0
     assert "protocol version" in result.stderr.decode(errors="replace") + result.stdout.decode(
         errors="replace"
@@ -283,21 +264,7 @@ def test_tls12_refuses_suites_without_ecdhe_or_aead(
     cipher: str, proxy_factory: ProxyFactory, upstream: RecordingUpstream
 ) -> None:
     proxy = proxy_factory("ec256")
-    result = subprocess.run(
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"127.0.0.1:{proxy.port}",
-            "-tls1_2",
-            "-cipher",
-            cipher,
-        ],
-        input=b"",
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
+    result = _s_client(proxy.port, "-tls1_2", "-cipher", cipher)
     assert result.returncode != 0
     assert b"handshake failure" in result.stderr + result.stdout
     assert proxy.signatures() == 0
