@@ -196,6 +196,9 @@ class Metrics:
             self.reloads.labels(result)
         for kind in ("full", "resumed"):
             self.sessions.labels(kind)
+        # labels() costs more than the increment: the per-request children are kept.
+        self._request_counters: dict[int, Counter] = {}
+        self._handshake_counters: dict[tuple[str | None, str], Counter] = {}
 
     # -- hooks the server and the token call ----------------------------------------------
 
@@ -209,13 +212,20 @@ class Metrics:
     def handshake_finished(
         self, version: str | None, result: str, seconds: float, resumed: bool = False
     ) -> None:
-        self.handshakes.labels(version or "none", result).inc()
+        counter = self._handshake_counters.get((version, result))
+        if counter is None:
+            counter = self.handshakes.labels(version or "none", result)
+            self._handshake_counters[(version, result)] = counter
+        counter.inc()
         if result == "ok":
             self.handshake_seconds.observe(seconds)
             self.sessions.labels("resumed" if resumed else "full").inc()
 
     def request_answered(self, status: int) -> None:
-        self.requests.labels(status_class(status)).inc()
+        counter = self._request_counters.get(status)
+        if counter is None:
+            counter = self._request_counters[status] = self.requests.labels(status_class(status))
+        counter.inc()
 
     def upstream_failed(self, kind: str) -> None:
         self.upstream_errors.labels(kind or "other").inc()

@@ -44,6 +44,8 @@ SENSITIVE_HEADERS = frozenset(
 
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
+# Longest first, rebuilt on each change: every log line is scrubbed, secrets rarely change.
+_scrub_order: tuple[str, ...] = ()
 
 
 # -- secret files -------------------------------------------------------------------------
@@ -79,18 +81,23 @@ def remember_secret(value: str) -> None:
                 repr(value.encode("utf-8"))[2:-1],
             ):
                 _secrets.add(form)
+            _reorder()
+
+
+def _reorder() -> None:
+    global _scrub_order
+    _scrub_order = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def forget_secrets() -> None:
     with _secrets_lock:
         _secrets.clear()
+        _reorder()
 
 
 def scrub(text: str) -> str:
     """``text`` with every registered secret replaced by ``[redacted]``."""
-    with _secrets_lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    for secret in secrets:
+    for secret in _scrub_order:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text

@@ -54,6 +54,11 @@ class _HumanFormatter(logging.Formatter):
 
 def setup_logging(level: str = "info", json_lines: bool | None = None) -> None:
     """Configure the ``hsm_proxy`` loggers; JSON unless stderr is a terminal."""
+    # No line says which source line, thread or multiprocessing process wrote it: skip
+    # collecting those for every record (the logging HOWTO's "Optimization" section).
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     if json_lines is None:
         json_lines = not sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)

@@ -73,19 +73,20 @@ from proxy.hardening import redact_headers
 from proxy.http import (
     IDEMPOTENT_METHODS,
     ClientInfo,
+    ReceivedHead,
     check_request,
     check_request_head,
     choose_upstream,
     client_response,
     error_response,
     error_status_for,
-    is_upgrade,
     switching_response,
     upstream_request,
 )
 from proxy.limits import HandshakeLimiter
 from proxy.logs import access_log, connection_context, log
 from proxy.reload import Generation, GenerationHolder
+from proxy.sockets import TCPStream
 from proxy.tls import TLSInfo, TLSStream
 from proxy.upstream import UpstreamConnection, UpstreamFailure, UpstreamPool
 from proxy.workers import report_ready, worker_addresses
@@ -158,7 +159,7 @@ class _LingeringClose(trio.abc.Stream):
     close becomes a TCP half-close, a short drain of whatever the client still sends, and
     only then the close, so that the client reads our answer instead of a reset."""
 
-    def __init__(self, inner: trio.SocketStream) -> None:
+    def __init__(self, inner: TCPStream) -> None:
         self.inner = inner
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -202,6 +203,9 @@ class _Exchange:
         # A response broke off: close without close_notify, so that even a response framed
         # by the connection's end reads as truncated, never as complete.
         self.abort = False
+        # What the access line needs when the client leaves in the middle of an exchange.
+        self.response_status: int | None = None
+        self.upstream_name = "-"
 
     async def _receive(self) -> bytes:
         try:
@@ -216,14 +220,15 @@ class _Exchange:
         connection = self.h11
         deadline = trio.current_time() + http.header_timeout if first else None
         while True:
-            buffered = connection.trailing_data[0]
+            buffered, closed = connection.trailing_data
             if buffered:
                 status = check_request_head(buffered, http)
                 if status is not None:
                     raise _Reject(status)
-            event = connection.next_event()
-            if event is not h11.NEED_DATA:
-                return event if isinstance(event, h11.Request) else None
+            if buffered or closed:  # else h11 can only say NEED_DATA: skip asking it
+                event = connection.next_event()
+                if event is not h11.NEED_DATA:
+                    return event if isinstance(event, h11.Request) else None
             if buffered:
                 if deadline is None:
                     deadline = trio.current_time() + http.header_timeout
@@ -255,10 +260,10 @@ class _Exchange:
         raise _Reject(408)
 
     async def send_raw(self, data: bytes) -> None:
-        """Send to the client; one that stops reading for ``http.body_timeout`` is dropped."""
+        """Send to the client; one that stops reading for ``http.body_timeout`` is dropped
+        (the client's TCP stream has it as its send timeout)."""
         try:
-            with trio.fail_after(self.http.body_timeout):
-                await self.stream.send_all(data)
+            await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             raise _ClientGone from exc
         self.bytes_sent += len(data)
@@ -328,6 +333,7 @@ async def _tunnel(exchange: _Exchange, upstream: UpstreamConnection) -> None:
     """Bytes both ways after a 101, until either side closes."""
     client_rest = exchange.h11.trailing_data[0]
     upstream_rest = upstream.h11.trailing_data[0]
+    upstream.stream.receive_timeout = None  # a tunnel may stay quiet as long as both like
 
     async def up(done: trio.CancelScope) -> None:
         with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -370,18 +376,20 @@ async def _forward(
 
     Raises :class:`_Reject` for a request refused before a response started, and
     ``h11.RemoteProtocolError`` when the request body breaks framing."""
-    status = check_request(request, exchange.http)
+    head = ReceivedHead(request.headers)
+    status = check_request(request, exchange.http, head)
     if status is not None:
         raise _Reject(status)
-    pool = routing.pools[choose_upstream(routing.routes, request, exchange.client.server_name)]
-    outgoing = upstream_request(request, exchange.client, pool.group.servers[0].authority)
-    upgrade = is_upgrade(request)
-    has_body = any(name in (b"content-length", b"transfer-encoding") for name, _ in request.headers)
+    server_name = exchange.client.server_name
+    pool = routing.pools[choose_upstream(routing.routes, request, server_name, head)]
+    outgoing = upstream_request(request, exchange.client, pool.group.servers[0].authority, head)
+    upgrade = head.upgrade
+    has_body = head.has_body
     # Resending is safe when nothing reached the upstream, or when a bodiless idempotent
     # request on a reused connection got no byte of answer (the backend closed it idle).
     may_resend = request.method in IDEMPOTENT_METHODS and not has_body and not upgrade
     upstream: UpstreamConnection | None = None
-    where = pool.group.name
+    where = exchange.upstream_name = pool.group.name
     try:
         upstream, reused = await pool.acquire()
         where = str(upstream.config)
@@ -419,7 +427,8 @@ async def _forward(
             raise UpstreamFailure(
                 f"upstream {where} sent {type(event).__name__} first", 502, kind="protocol"
             )
-        status = event.status_code
+        status = exchange.response_status = event.status_code
+        exchange.upstream_name = where
         pending = [exchange.h11.send(client_response(event, closing=draining())) or b""]
         while True:
             piece = upstream.next_event_nowait()
@@ -516,8 +525,15 @@ async def _serve_http(exchange: _Exchange, generation: Generation, state: Server
         started = time.perf_counter()
         sent_before = exchange.bytes_sent
         where = "-"
+        exchange.response_status, exchange.upstream_name = None, "-"
         try:
             status, where = await _forward(exchange, request, routing, draining)
+        except _ClientGone:
+            # Still one access line: the response's status if it had begun, else 499
+            # (nginx's "client closed request").
+            status = exchange.response_status or 499
+            _access(exchange, request, status, sent_before, started, exchange.upstream_name)
+            raise
         except _Reject as reject:
             status = reject.status
             await exchange.send_error(status)
@@ -557,10 +573,11 @@ def _client_info(peer: str, info: TLSInfo, forwarded: bool) -> ClientInfo:
     )
 
 
-async def handle_connection(state: ServerState, stream: trio.SocketStream) -> None:
+async def handle_connection(state: ServerState, accepted: trio.SocketStream) -> None:
     """Everything one client connection goes through; never raises."""
     connection_id = next(state.connection_ids)
     state.metrics.connection_opened()
+    stream = TCPStream.from_trio(accepted)
     try:
         peer = stream.socket.getpeername()[0]
     except OSError:
@@ -582,6 +599,7 @@ async def handle_connection(state: ServerState, stream: trio.SocketStream) -> No
     # name recorded during the handshake reaches the audit line of its signature.
     context: dict[str, object] = {"connection_id": connection_id, "client": peer}
     connection_context.set(context)
+    stream.send_timeout = generation.config.http.body_timeout  # a client that stops reading
     tls = TLSStream(
         stream,
         generation.ssl_context,

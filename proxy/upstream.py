@@ -38,6 +38,7 @@ import trio
 from proxy.config import HTTPConfig, UpstreamConfig, UpstreamGroup
 from proxy.errors import UpstreamError
 from proxy.logs import log
+from proxy.sockets import TCPStream
 
 # Large reads from backends: fewer h11 events and TLS batches per MiB (bench scenario 4);
 # bounded per read, so memory stays flat however large the body.
@@ -61,9 +62,11 @@ class UpstreamConnection:
     """One keep-alive capable HTTP/1.1 connection to an upstream."""
 
     def __init__(
-        self, config: UpstreamConfig, stream: trio.SocketStream, read_timeout: float = 60.0
+        self, config: UpstreamConfig, stream: TCPStream, read_timeout: float = 60.0
     ) -> None:
         self.config = config
+        # Every wait on the backend, to send or to receive, is bounded by the read timeout.
+        stream.receive_timeout = stream.send_timeout = read_timeout
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
         self.read_timeout = read_timeout
@@ -78,7 +81,7 @@ class UpstreamConnection:
     ) -> UpstreamConnection:
         try:
             with trio.fail_after(connect_timeout):
-                stream = await trio.open_tcp_stream(config.host, config.port)
+                stream = TCPStream.from_trio(await trio.open_tcp_stream(config.host, config.port))
         except trio.TooSlowError:
             raise UpstreamFailure(
                 f"connecting to upstream {config} timed out after {connect_timeout:g}s",
@@ -115,8 +118,7 @@ class UpstreamConnection:
     async def send_data(self, data: bytes) -> None:
         if data:
             try:
-                with trio.fail_after(self.read_timeout):
-                    await self.stream.send_all(data)
+                await self.stream.send_all(data)
             except trio.TooSlowError:
                 raise UpstreamFailure(
                     f"upstream {self.config} took nothing for {self.read_timeout:g}s",
@@ -151,8 +153,7 @@ class UpstreamConnection:
     async def receive(self) -> bytes:
         """Raw bytes from the upstream within the read timeout (b"" at its end)."""
         try:
-            with trio.fail_after(self.read_timeout):
-                data = await self.stream.receive_some(_RECEIVE_SIZE)
+            data = await self.stream.receive_some(_RECEIVE_SIZE)
         except trio.TooSlowError:
             raise UpstreamFailure(
                 f"upstream {self.config} sent nothing for {self.read_timeout:g}s",
@@ -168,11 +169,15 @@ class UpstreamConnection:
 
     async def next_event(self) -> h11.Event:
         """The next event from the upstream, reading as needed, within the read timeout."""
+        connection = self.h11
+        if connection.their_state is h11.SEND_RESPONSE and not any(connection.trailing_data):
+            # Waiting for a response head with nothing buffered: h11 could only say NEED_DATA.
+            connection.receive_data(await self.receive())
         while True:
             event = self.next_event_nowait()
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
-            self.h11.receive_data(await self.receive())
+            connection.receive_data(await self.receive())
 
     def start_next_cycle(self) -> None:
         self.h11.start_next_cycle()
@@ -207,7 +212,7 @@ class UpstreamPool:
                 connection.looks_closed()
             ):
                 return connection
-            connection.stream.socket.close()
+            connection.stream.close()
         return None
 
     def _candidates(self) -> list[UpstreamConfig]:
@@ -281,9 +286,9 @@ class UpstreamPool:
         now = time.monotonic()
         for idle in self._idle.values():
             while idle and now - idle[0].idle_since >= self.http.pool_idle_timeout:
-                idle.popleft().stream.socket.close()
+                idle.popleft().stream.close()
 
     def close(self) -> None:
         for idle in self._idle.values():
             while idle:
-                idle.popleft().stream.socket.close()
+                idle.popleft().stream.close()

@@ -531,6 +531,30 @@ def test_a_stalled_request_body_gets_408(
     assert all(len(request.body) < 100 for request in upstream.requests)
 
 
+def test_a_client_that_stops_reading_is_dropped_after_the_body_timeout(
+    start_proxy: StartProxy, scripted: Callable[..., ScriptedUpstream], ca: trustme.CA
+) -> None:
+    size = 1 << 30  # far more than the socket buffers between the proxy and the client
+
+    def endless(sock: socket.socket, server: ScriptedUpstream) -> None:
+        server.read_head(sock, bytearray())
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        chunk = b"x" * 65536
+        try:
+            for _ in range(size // len(chunk)):
+                sock.sendall(chunk)
+        except OSError:
+            pass  # the proxy gave up on the client and dropped this exchange
+
+    proxy = start_proxy(scripted(endless).url, http="body_timeout = 0.5")
+    with tls_connect(proxy.port, ca) as tls:
+        tls.sendall(get("/never-read"))
+        # The client reads nothing; the proxy must end the exchange on its own.
+        entry = proxy.wait_for_log(lambda line: line.get("path") == "/never-read", timeout=10)
+    assert entry["status"] == 200
+    assert 0 < entry["bytes_sent"] < size
+
+
 def test_upstream_read_timeout_gives_504_and_connect_timeout_gives_504(
     start_proxy: StartProxy, scripted: Callable[..., ScriptedUpstream], ca: trustme.CA
 ) -> None:
@@ -657,7 +681,8 @@ def test_websocket_upgrade_becomes_a_tunnel(start_proxy: StartProxy, ca: trustme
     with serve(echo, "127.0.0.1", 0) as server:
         port = server.socket.getsockname()[1]
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        proxy = start_proxy(f"http://127.0.0.1:{port}")
+        # The upstream read timeout bounds HTTP exchanges, not a tunnel's quiet periods.
+        proxy = start_proxy(f"http://127.0.0.1:{port}", http="read_timeout = 0.5")
         with connect(
             f"wss://localhost:{proxy.port}/socket", ssl=client_context(ca, alpn=[])
         ) as websocket:
@@ -667,6 +692,9 @@ def test_websocket_upgrade_becomes_a_tunnel(start_proxy: StartProxy, ca: trustme
             large = b"\x00\xff" * 300_000
             websocket.send(large)
             assert websocket.recv(timeout=10) == large
+            time.sleep(1.0)
+            websocket.send("still there")
+            assert websocket.recv(timeout=10) == "still there"
         server.shutdown()
     access = proxy.wait_for_log(lambda entry: entry.get("path") == "/socket")
     assert access["status"] == 101

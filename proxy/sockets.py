@@ -1,0 +1,128 @@
+"""TCP streams for the forwarding path: each operation is tried at once, and only an
+operation the kernel says would block waits, within the stream's timeout.
+
+Theory of operation. ``trio.SocketStream`` makes every call a full checkpoint: it checks
+for cancellation before the system call and yields to the scheduler after it, and a
+receive with nothing buffered first raises ``BlockingIOError`` inside trio. A keep-alive
+request crosses four such calls (the client's TLS bytes in, the request out to the
+upstream, the response in, the TLS bytes out), and in the benchmark's keep-alive scenario
+those checkpoints and the per-call ``fail_after`` scopes around them were a large part of
+the proxy's CPU. :class:`TCPStream` keeps trio's semantics where they matter: a call that
+must wait waits in ``trio.lowlevel.wait_readable``/``wait_writable`` (a checkpoint, so
+cancellation and other tasks run), and that wait alone is bounded by ``receive_timeout``
+or ``send_timeout`` (``trio.TooSlowError``): a timeout measures a stall, not the length of
+a large transfer. A call the kernel completes at once does not yield; every request still
+waits at least once (for the upstream's answer), so one busy connection cannot starve the
+others.
+
+Errors are trio's: ``trio.ClosedResourceError`` after :meth:`TCPStream.aclose`,
+``trio.BrokenResourceError`` (from the ``OSError``) for a reset or broken connection.
+
+This module, server.py and upstream.py are the only ones that await on sockets.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from contextlib import suppress
+
+import trio
+
+DEFAULT_RECEIVE_SIZE = 65536
+
+
+class TCPStream(trio.abc.HalfCloseableStream):
+    """A connected TCP socket as a trio stream, with per-wait timeouts (None: no limit)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        receive_timeout: float | None = None,
+        send_timeout: float | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self.receive_timeout = receive_timeout
+        self.send_timeout = send_timeout
+        self._closed = False
+
+    @classmethod
+    def from_trio(cls, stream: trio.SocketStream) -> TCPStream:
+        """Take over the socket of a ``trio.SocketStream`` (the stream is unusable after)."""
+        return cls(socket.socket(fileno=stream.socket.detach()))
+
+    async def _wait(self, readable: bool) -> None:
+        timeout = self.receive_timeout if readable else self.send_timeout
+        wait = trio.lowlevel.wait_readable if readable else trio.lowlevel.wait_writable
+        if timeout is None:
+            await wait(self.socket)
+            return
+        with trio.fail_after(timeout):
+            await wait(self.socket)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        size = max_bytes or DEFAULT_RECEIVE_SIZE
+        while True:
+            try:
+                return self.socket.recv(size)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise self._broken(exc) from exc
+            await self._wait(readable=True)
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        view = memoryview(data)
+        total = len(view)
+        sent = 0
+        while True:
+            try:
+                sent += self.socket.send(view[sent:] if sent else view)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise self._broken(exc) from exc
+            if sent >= total:
+                return
+            await self._wait(readable=False)
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        await trio.lowlevel.wait_writable(self.socket)
+
+    async def send_eof(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        await trio.lowlevel.checkpoint()
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:  # the peer is already gone: nothing to end
+                raise self._broken(exc) from exc
+
+    def close(self) -> None:
+        """Close at once (synchronously): for pools and error paths."""
+        if self._closed:
+            return
+        self._closed = True
+        # Wakes a task waiting on the socket; outside trio (a pool closed at exit) nobody can.
+        with suppress(RuntimeError):
+            trio.lowlevel.notify_closing(self.socket)
+        self.socket.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def _broken(self, exc: OSError) -> trio.BrokenResourceError:
+        return trio.BrokenResourceError(f"connection broken: {exc.strerror or exc}")
