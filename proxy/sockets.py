@@ -50,7 +50,10 @@ class TCPStream(trio.abc.HalfCloseableStream):
     @classmethod
     def from_trio(cls, stream: trio.SocketStream) -> TCPStream:
         """Take over the socket of a ``trio.SocketStream`` (the stream is unusable after)."""
-        return cls(socket.socket(fileno=stream.socket.detach()))
+        trio_socket = stream.socket
+        # Family, type and protocol given, so that Python does not ask the kernel for them.
+        family, kind, protocol = trio_socket.family, trio_socket.type, trio_socket.proto
+        return cls(socket.socket(family, kind, protocol, fileno=trio_socket.detach()))
 
     async def _wait(self, readable: bool) -> None:
         timeout = self.receive_timeout if readable else self.send_timeout
@@ -58,8 +61,11 @@ class TCPStream(trio.abc.HalfCloseableStream):
         if timeout is None:
             await wait(self.socket)
             return
-        with trio.fail_after(timeout):
+        # trio.fail_after, without its generator-based context manager (once per request).
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             await wait(self.socket)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
