@@ -10,6 +10,12 @@ issues one certificate for the token key and one for a software key, a loopback 
 * ``nginx``: nginx, one worker, the software key (the ceiling);
 * ``nginx-engine``: nginx, one worker, the token key through the libp11 ``pkcs11`` engine.
 
+Scenario 1r repeats scenario 1 with an RSA-2048 token key, for ``proxy``, ``proxy-2w``
+and ``nginx-engine``: on a 2-core machine the client's side of a P-256 handshake costs
+more CPU than the server's, so ``--workers 2`` cannot show how it scales there; an RSA
+signature is expensive for the server and cheap for the client to verify (the issue's
+own advice).
+
 Scenarios 2a/2b run a second set of token contenders on the delaying PKCS#11 module
 (tests/faulthsm, when the repository has it). The front ends are pinned to one core, the
 load generator (wrk, or idle_client.py for scenario 5) and the backend to another.
@@ -72,6 +78,9 @@ FAULTHSM_SOURCE = REPO / "tests" / "faulthsm" / "faulthsm.c"
 TOKEN_LABEL = "bench"  # noqa: S105 - a label, not a secret
 KEY_LABEL = "bench-p256"
 KEY_ID = b"\x01"
+RSA_KEY_LABEL = "bench-rsa2048"
+RSA_KEY_ID = b"\x02"
+RSA_SCENARIO = "1r"
 # The proxy's token session pool: its default, and more where each signature is slow
 # (with 10 ms per signature, 4 sessions cap the proxy at 400 handshakes/s).
 PROXY_SESSIONS = 4
@@ -86,6 +95,17 @@ FOREIGN_FRONT_LIMIT = 0.10
 SMALL_BODY = b"x" * 99 + b"\n"  # 100 bytes
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DELAYS = {"2a": 2.0, "2b": 10.0}
+FULL_HANDSHAKE_SCENARIOS = ("1", RSA_SCENARIO, *DELAYS)
+
+
+def variant_of(scenario: str) -> str:
+    """Which set of contenders a scenario runs on: the delayed token, the RSA key, or the
+    plain ones (every other scenario)."""
+    if scenario in DELAYS:
+        return scenario
+    return "rsa" if scenario == RSA_SCENARIO else "plain"
+
+
 ERROR_LIMIT = 0.01  # a run with more client errors than this share counts as failed
 
 
@@ -203,6 +223,8 @@ class Material:
     pin_file: Path
     key_uri: KeyURI
     token_chain: Path
+    rsa_key_uri: KeyURI
+    rsa_chain: Path
     software_chain: Path
     software_key: Path
     softhsm_conf: Path
@@ -216,10 +238,14 @@ def provision(work: Path) -> Material:
     pin = secrets.token_hex(12)
     initialize_token(module, TOKEN_LABEL, secrets.token_hex(12), pin)
     generate_key(module, TOKEN_LABEL, pin, KEY_LABEL, KEY_ID, "P-256")
+    generate_key(module, TOKEN_LABEL, pin, RSA_KEY_LABEL, RSA_KEY_ID, "RSA-2048")
     uri = KeyURI(token=TOKEN_LABEL, object=KEY_LABEL, id=KEY_ID)
+    rsa_uri = KeyURI(token=TOKEN_LABEL, object=RSA_KEY_LABEL, id=RSA_KEY_ID)
     with Token(module, uri, pin, pool_size=1) as token:
         public = token.find_private_key(uri).info.public_key_der
+        rsa_public = token.find_private_key(rsa_uri).info.public_key_der
     assert public is not None
+    assert rsa_public is not None
     pin_file = work / "pin"
     pin_file.write_text(pin)
     pin_file.chmod(0o600)
@@ -228,6 +254,8 @@ def provision(work: Path) -> Material:
     (work / "ca.pem").write_bytes(ca.pem())
     token_chain = work / "token-chain.pem"
     token_chain.write_bytes(ca.issue(public, names))
+    rsa_chain = work / "rsa-chain.pem"
+    rsa_chain.write_bytes(ca.issue(rsa_public, names))
     software = ec.generate_private_key(ec.SECP256R1())
     software_key = work / "software-key.pem"
     software_key.write_bytes(
@@ -257,6 +285,8 @@ def provision(work: Path) -> Material:
         pin_file,
         uri,
         token_chain,
+        rsa_uri,
+        rsa_chain,
         software_chain,
         software_key,
         conf,
@@ -379,6 +409,7 @@ class Contender(Pinned):
         self.backend = backend
         self.port = 0
         self.delay_ms: float | None = None
+        self.rsa = False  # serve the RSA-2048 token key (scenario 1r)
 
     def token_env(self) -> dict[str, str]:
         env = {"SOFTHSM2_CONF": str(self.material.softhsm_conf)}
@@ -420,6 +451,9 @@ class ProxyContender(Contender):
     def start(self) -> None:
         self.port = free_port()
         config = self.dir / "proxy.toml"
+        chain, key_uri = self.material.token_chain, self.material.key_uri
+        if self.rsa:
+            chain, key_uri = self.material.rsa_chain, self.material.rsa_key_uri
         config.write_text(
             f'listen = "127.0.0.1:{self.port}"\n'
             f'upstream = "{self.backend.url}"\n\n'
@@ -428,8 +462,8 @@ class ProxyContender(Contender):
             f'pin_file = "{self.material.pin_file}"\n'
             f"sessions = {PROXY_SESSIONS if self.delay_ms is None else PROXY_SESSIONS_DELAYED}\n\n"
             "[tls]\n"
-            f'certificate = "{self.material.token_chain}"\n'
-            f'key = "{self.material.key_uri}"\n\n'
+            f'certificate = "{chain}"\n'
+            f'key = "{key_uri}"\n\n'
             "[http]\n"
             f"max_connections = {IDLE_CONNECTIONS * 3}\n"  # as nginx's worker_connections
         )
@@ -478,8 +512,11 @@ class NginxContender(Contender):
             )
             openssl_conf.chmod(0o600)
             env = {"OPENSSL_CONF": str(openssl_conf), **self.token_env()}
-            uri = f"pkcs11:token={TOKEN_LABEL};object={KEY_LABEL};type=private"
-            certificate, key = self.material.token_chain, f"engine:pkcs11:{uri}"
+            label, certificate = KEY_LABEL, self.material.token_chain
+            if self.rsa:
+                label, certificate = RSA_KEY_LABEL, self.material.rsa_chain
+            uri = f"pkcs11:token={TOKEN_LABEL};object={label};type=private"
+            key = f"engine:pkcs11:{uri}"
         else:
             certificate, key = self.material.software_chain, str(self.material.software_key)
         http = f"""
@@ -660,6 +697,8 @@ class Bench:
 
     def contenders_for(self, scenario: str, has_workers: bool) -> list[str]:
         names = ["proxy", "proxy-2w", "nginx", "nginx-engine"]
+        if scenario == RSA_SCENARIO:
+            names = ["proxy", "proxy-2w", "nginx-engine"]
         if scenario in DELAYS:
             names = ["proxy", "proxy-2w", "nginx-engine"]
             if self.material.faulthsm is None:
@@ -680,7 +719,7 @@ class Bench:
         return names
 
     def contender(self, name: str, scenario: str) -> Contender:
-        variant = scenario if scenario in DELAYS else "plain"
+        variant = variant_of(scenario)
         key = (name, variant)
         if key in self.contenders:
             return self.contenders[key]
@@ -705,6 +744,7 @@ class Bench:
             )
         if variant in DELAYS:
             contender.delay_ms = DELAYS[variant]
+        contender.rsa = variant == "rsa"
         self.started.append(contender)
         say(f"starting {name} ({variant})")
         contender.start()
@@ -719,7 +759,7 @@ class Bench:
     # measuring
 
     def measure(self, scenario: str, name: str, repetition: int) -> Run:
-        contender = self.contenders[(name, scenario if scenario in DELAYS else "plain")]
+        contender = self.contenders[(name, variant_of(scenario))]
         assert contender.process is not None
         if contender.process.poll() is not None:
             incident = (
@@ -732,7 +772,7 @@ class Bench:
         seconds = self.args.seconds
         if scenario == "5":
             return self.measure_memory(contender, name, repetition)
-        full = scenario in ("1", "2a", "2b")
+        full = scenario in FULL_HANDSHAKE_SCENARIOS
         path = "/large" if scenario == "4" else "/small"
         connections = THROUGHPUT_CONNECTIONS if scenario == "4" else CONNECTIONS
         close = full or scenario == "6"
@@ -897,11 +937,7 @@ class Bench:
             say(f"repetition {repetition + 1} of {self.args.repetitions}")
             for scenario in order:
                 names = sorted(
-                    {
-                        name
-                        for (name, variant) in self.contenders
-                        if variant == (scenario if scenario in DELAYS else "plain")
-                    }
+                    {name for (name, variant) in self.contenders if variant == variant_of(scenario)}
                 )
                 if scenario not in DELAYS:
                     names = [
@@ -975,7 +1011,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument(
         "--scenarios",
-        default=",".join(("1", "2a", "2b", "3", "4", "5", "6")),
+        default=",".join(("1", RSA_SCENARIO, "2a", "2b", "3", "4", "5", "6")),
         type=lambda text: text.split(","),
     )
     parser.add_argument("--quick", action="store_true", help="1 repetition of 2 s: a smoke run")

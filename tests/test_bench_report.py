@@ -64,3 +64,22 @@ def test_results_markdown_shows_ratios_and_unavailable_scenarios(tmp_path: Path)
     raw = json.loads((tmp_path / "runs.json").read_text())
     assert [run["disturbed"] for run in raw["runs"]] == [False, True, False, False]
     assert [run["failed"] for run in raw["runs"]] == [False, False, True, False]
+
+
+def test_the_rsa_scenario_is_reported_beside_the_schema_not_in_it(tmp_path: Path) -> None:
+    runs = [
+        Run("1r", "proxy", 0, {"handshakes/s": 400.0}),
+        Run("1r", "proxy-2w", 0, {"handshakes/s": 720.0}),
+        Run("1", "proxy", 0, {"handshakes/s": 800.0}),
+    ]
+    write_results(tmp_path, runs, [], ["m"])
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {entry["scenario"] for entry in results} == {"1"}
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| 1r | handshakes/s | proxy (1 worker) | 1.80x | >= 1.7x (proxy-2w) | yes |" in text
+    assert "## Scenario 1r: Full TLS 1.3 handshakes, RSA-2048 key in the token" in text
+    # Scenario sections keep their order: 1, then 1r, before 3.
+    assert text.index("## Scenario 1:") < text.index("## Scenario 1r:")
+    raw = json.loads((tmp_path / "runs.json").read_text())
+    assert [run["scenario"] for run in raw["runs"]] == ["1r", "1r", "1"]
