@@ -333,7 +333,8 @@ async def _tunnel(exchange: _Exchange, upstream: UpstreamConnection) -> None:
     """Bytes both ways after a 101, until either side closes."""
     client_rest = exchange.h11.trailing_data[0]
     upstream_rest = upstream.h11.trailing_data[0]
-    upstream.stream.receive_timeout = None  # a tunnel may stay quiet as long as both like
+    # A tunnel may stay quiet, or wait for the upstream to read, as long as both sides like.
+    upstream.stream.receive_timeout = upstream.stream.send_timeout = None
 
     async def up(done: trio.CancelScope) -> None:
         with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -11,9 +11,11 @@ the proxy's CPU. :class:`TCPStream` keeps trio's semantics where they matter: a 
 must wait waits in ``trio.lowlevel.wait_readable``/``wait_writable`` (a checkpoint, so
 cancellation and other tasks run), and that wait alone is bounded by ``receive_timeout``
 or ``send_timeout`` (``trio.TooSlowError``): a timeout measures a stall, not the length of
-a large transfer. A call the kernel completes at once does not yield; every request still
-waits at least once (for the upstream's answer), so one busy connection cannot starve the
-others.
+a large transfer. A call the kernel completes at once does not yield, except every
+``CHECKPOINT_EVERY``-th call in a row: a keep-alive request waits at least once anyway
+(for the upstream's answer), but a bulk transfer (a large body, a WebSocket tunnel) on
+fast sockets may never have to wait, and must still let other connections run and be
+cancellable (timeouts, the shutdown grace period).
 
 Errors are trio's: ``trio.ClosedResourceError`` after :meth:`TCPStream.aclose`,
 ``trio.BrokenResourceError`` (from the ``OSError``) for a reset or broken connection.
@@ -30,6 +32,7 @@ from contextlib import suppress
 import trio
 
 DEFAULT_RECEIVE_SIZE = 65536
+CHECKPOINT_EVERY = 4  # calls completed at once before one yields to the scheduler
 
 
 class TCPStream(trio.abc.HalfCloseableStream):
@@ -46,6 +49,7 @@ class TCPStream(trio.abc.HalfCloseableStream):
         self.receive_timeout = receive_timeout
         self.send_timeout = send_timeout
         self._closed = False
+        self._unchecked = 0  # calls completed at once since the last checkpoint
 
     @classmethod
     def from_trio(cls, stream: trio.SocketStream) -> TCPStream:
@@ -55,7 +59,16 @@ class TCPStream(trio.abc.HalfCloseableStream):
         family, kind, protocol = trio_socket.family, trio_socket.type, trio_socket.proto
         return cls(socket.socket(family, kind, protocol, fileno=trio_socket.detach()))
 
+    async def _start(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self._unchecked >= CHECKPOINT_EVERY:
+            # Before the system call, so that a cancellation here loses no data.
+            self._unchecked = 0
+            await trio.lowlevel.checkpoint()
+
     async def _wait(self, readable: bool) -> None:
+        self._unchecked = 0
         timeout = self.receive_timeout if readable else self.send_timeout
         wait = trio.lowlevel.wait_readable if readable else trio.lowlevel.wait_writable
         if timeout is None:
@@ -68,26 +81,31 @@ class TCPStream(trio.abc.HalfCloseableStream):
             raise trio.TooSlowError
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._closed:
-            raise trio.ClosedResourceError("the stream was closed")
+        await self._start()
         size = max_bytes or DEFAULT_RECEIVE_SIZE
+        waited = False
         while True:
             try:
-                return self.socket.recv(size)
+                data = self.socket.recv(size)
             except BlockingIOError:
                 pass
             except OSError as exc:
                 raise self._broken(exc) from exc
+            else:
+                if not waited:
+                    self._unchecked += 1
+                return data
             await self._wait(readable=True)
+            waited = True
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("the stream was closed")
+        await self._start()
         view = memoryview(data)
         total = len(view)
         sent = 0
+        waited = False
         while True:
             try:
                 sent += self.socket.send(view[sent:] if sent else view)
@@ -96,8 +114,11 @@ class TCPStream(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise self._broken(exc) from exc
             if sent >= total:
+                if not waited:
+                    self._unchecked += 1
                 return
             await self._wait(readable=False)
+            waited = True
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
 

@@ -119,3 +119,38 @@ def test_a_reset_is_a_broken_resource() -> None:
         await left.aclose()
 
     trio.run(main)
+
+
+def test_calls_that_never_wait_still_let_other_tasks_run_and_can_be_cancelled() -> None:
+    async def main() -> None:
+        left_socket, right_socket = _connected_pair()
+        left, right = TCPStream(left_socket), TCPStream(right_socket)
+        turns = 0
+
+        async def other_connection() -> None:
+            nonlocal turns
+            while True:
+                await trio.sleep(0)
+                turns += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_connection)
+            await trio.sleep(0)
+            before = turns
+            for _ in range(32):  # a bulk transfer on sockets that are always ready
+                await left.send_all(b"z" * 1000)
+                assert await right.receive_some(1000)
+            assert turns > before
+            nursery.cancel_scope.cancel()
+
+        completed = 0
+        with trio.CancelScope() as scope:
+            scope.cancel()  # e.g. the shutdown grace period ran out
+            for _ in range(32):
+                await left.send_all(b"z")
+                completed += 1
+        assert completed < 32
+        await left.aclose()
+        await right.aclose()
+
+    trio.run(main)
