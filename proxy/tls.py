@@ -711,6 +711,7 @@ typedef struct {
 int SSL_CTX_set_tlsext_ticket_key_evp_cb(SSL_CTX *ctx, int (*cb)(SSL *, unsigned char *,
     unsigned char *, EVP_CIPHER_CTX *, EVP_MAC_CTX *, int));
 SSL_CTX *SSL_get_SSL_CTX(const SSL *ssl);
+int SSL_version(const SSL *ssl);
 const EVP_CIPHER *EVP_aes_256_cbc(void);
 int EVP_EncryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *type, void *impl,
                        const unsigned char *key, const unsigned char *iv);
@@ -726,6 +727,7 @@ _OSSL_PARAM_UTF8_STRING = 4
 _OSSL_PARAM_OCTET_STRING = 5
 _OSSL_PARAM_UNMODIFIED = 2**64 - 1 if _ticket_ffi.sizeof("size_t") == 8 else 2**32 - 1
 _IV_SIZE = 16
+_TLS1_3_VERSION = 0x0304
 _PARAM_DIGEST = _ticket_ffi.new("char[]", b"digest")
 _PARAM_KEY = _ticket_ffi.new("char[]", b"key")
 _SHA256 = _ticket_ffi.new("char[]", b"SHA256")
@@ -817,7 +819,12 @@ def _ticket_callback(
         cipher_context, _ticket_crypto.EVP_aes_256_cbc(), _ticket_ffi.NULL, aes, iv
     ) != 1 or not _set_mac_key(mac_context, found):
         return -1
-    return 1 if found.name == keys.encrypt.name else 2  # 2: resume, and renew the ticket
+    # 2: resume, and issue a new ticket. Always in TLS 1.3, as OpenSSL does with its own
+    # keys (and nginx with its callback): clients use a TLS 1.3 ticket once (RFC 8446,
+    # C.4), so a resumption without a new one leaves them a full handshake next time.
+    if found.name != keys.encrypt.name or _ticket_ssl.SSL_version(ssl) == _TLS1_3_VERSION:
+        return 2
+    return 1
 
 
 def _forget_ticket_keys(address: int, keys: _TicketKeySet) -> None:

@@ -105,6 +105,31 @@ def test_two_proxies_sharing_ticket_keys_resume_each_others_sessions(
     wait_until(lambda: c.signatures() == 1, what="C's signature")
 
 
+def test_a_tls13_resumption_gets_a_fresh_ticket_so_single_use_clients_keep_resuming(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    """RFC 8446 (C.4) asks clients to use a TLS 1.3 ticket once; browsers and wrk do. So a
+    resumed connection must bring a new ticket, or every other connection of such a client
+    is a full handshake and a token signature (as it was with configured ticket keys)."""
+    key_file = tmp_path / "ticket.key"
+    key_file.write_bytes(secrets.token_bytes(80))
+    proxy = launch(
+        tmp_path, _basic(tmp_path, hsm, ca, upstream, f"session_ticket_keys = ['{key_file}']\n")
+    )
+    context = client_context(ca, ssl.TLSVersion.TLSv1_3)
+    _, session = resume(proxy.port, context)
+    assert session is not None
+    signatures = proxy.signatures()
+    for _ in range(4):
+        reused, newer = resume(proxy.port, context, session)
+        assert reused
+        assert newer is not None
+        # OpenSSL names a TLS 1.3 session by a hash of its ticket: a new id, a new ticket.
+        assert newer.id != session.id
+        session = newer  # each ticket used once
+    assert proxy.signatures() == signatures
+
+
 def test_ticket_key_rotation_keeps_the_previous_key_for_decryption(
     tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
 ) -> None:
