@@ -35,7 +35,8 @@ answers in-flight requests with ``Connection: close`` and gives them
 ``http.shutdown_grace`` seconds before cancelling what is left; a second signal stops at
 once.
 
-This module and upstream.py are the only ones that await on sockets.
+This module, upstream.py and sockets.py (the TCP streams both use) are the only ones that
+await on sockets.
 
 The admin listener (/healthz, /readyz, /metrics, when configured) is served here too, one
 request per connection, with answers from admin.py's sans-IO endpoint; so are the

@@ -22,7 +22,8 @@ client: 502 when the backend cannot be reached or breaks the protocol, 504 when 
 slow. ``sent_nothing`` on a failure tells the server whether any byte of the request left
 (only then may it retry on a fresh connection without risking a duplicate).
 
-This module and server.py are the only ones that await on sockets.
+This module, server.py and sockets.py (the TCP streams both use) are the only ones that
+await on sockets.
 """
 
 from __future__ import annotations

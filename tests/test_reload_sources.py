@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from tests.support import (
     HSM,
     REPO,
+    ProxyProcess,
     RecordingUpstream,
     client_context,
     dev_ca,
@@ -105,17 +106,23 @@ def test_two_proxies_sharing_ticket_keys_resume_each_others_sessions(
     wait_until(lambda: c.signatures() == 1, what="C's signature")
 
 
+def _with_ticket_key_file(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> tuple[ProxyProcess, Path]:
+    """A proxy whose session-ticket key comes from a file (returned, for rotations)."""
+    key_file = tmp_path / "ticket.key"
+    key_file.write_bytes(secrets.token_bytes(80))
+    config = _basic(tmp_path, hsm, ca, upstream, f"session_ticket_keys = ['{key_file}']\n")
+    return launch(tmp_path, config), key_file
+
+
 def test_a_tls13_resumption_gets_a_fresh_ticket_so_single_use_clients_keep_resuming(
     tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
 ) -> None:
     """RFC 8446 (C.4) asks clients to use a TLS 1.3 ticket once; browsers and wrk do. So a
     resumed connection must bring a new ticket, or every other connection of such a client
     is a full handshake and a token signature (as it was with configured ticket keys)."""
-    key_file = tmp_path / "ticket.key"
-    key_file.write_bytes(secrets.token_bytes(80))
-    proxy = launch(
-        tmp_path, _basic(tmp_path, hsm, ca, upstream, f"session_ticket_keys = ['{key_file}']\n")
-    )
+    proxy, _ = _with_ticket_key_file(tmp_path, hsm, ca, upstream)
     context = client_context(ca, ssl.TLSVersion.TLSv1_3)
     _, session = resume(proxy.port, context)
     assert session is not None
@@ -133,11 +140,7 @@ def test_a_tls13_resumption_gets_a_fresh_ticket_so_single_use_clients_keep_resum
 def test_ticket_key_rotation_keeps_the_previous_key_for_decryption(
     tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
 ) -> None:
-    key_file = tmp_path / "ticket.key"
-    key_file.write_bytes(secrets.token_bytes(80))
-    proxy = launch(
-        tmp_path, _basic(tmp_path, hsm, ca, upstream, f"session_ticket_keys = ['{key_file}']\n")
-    )
+    proxy, key_file = _with_ticket_key_file(tmp_path, hsm, ca, upstream)
     context = client_context(ca, ssl.TLSVersion.TLSv1_2)
     _, old_session = resume(proxy.port, context)
     replace_file(key_file, secrets.token_bytes(80))
