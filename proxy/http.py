@@ -72,8 +72,6 @@ REASONS = {
     504: b"Gateway Timeout",
 }
 
-Headers = list[tuple[bytes, bytes]]
-
 
 @dataclass(frozen=True)
 class ClientInfo:
@@ -155,23 +153,6 @@ class ReceivedHead:
 
 def head_of(event: h11.Request | h11.Response | h11.InformationalResponse) -> ReceivedHead:
     return ReceivedHead(event.headers)
-
-
-def end_to_end_headers(headers: Headers) -> Headers:
-    """``headers`` (name, value) pairs without hop-by-hop headers (see
-    :meth:`ReceivedHead.end_to_end`)."""
-    head = ReceivedHead(_Pairs(headers))
-    return [(name, value) for name, _, value in head.end_to_end()]
-
-
-class _Pairs:
-    """Plain (name, value) pairs with the ``raw_items`` of an h11 header list."""
-
-    def __init__(self, pairs: Headers) -> None:
-        self._pairs = pairs
-
-    def raw_items(self) -> Headers:
-        return self._pairs
 
 
 def is_upgrade(request: h11.Request, head: ReceivedHead | None = None) -> bool:
@@ -317,11 +298,6 @@ def check_request_head(buffer: bytes, limits: HTTPConfig) -> int | None:
     if count > limits.max_headers:
         return 431
     return None
-
-
-def request_body_length(request: h11.Request) -> int | None:
-    """The declared Content-Length, or None (chunked or no body)."""
-    return head_of(request).content_length
 
 
 def check_request(

@@ -577,9 +577,14 @@ def _client_info(peer: str, info: TLSInfo, forwarded: bool) -> ClientInfo:
 
 async def handle_connection(state: ServerState, accepted: trio.SocketStream) -> None:
     """Everything one client connection goes through; never raises."""
+    try:
+        stream = TCPStream.from_trio(accepted)
+    except OSError:  # could not take the socket over: nothing was read or sent yet
+        with suppress(OSError):
+            accepted.socket.close()
+        return
     connection_id = next(state.connection_ids)
     state.metrics.connection_opened()
-    stream = TCPStream.from_trio(accepted)
     try:
         peer = stream.socket.getpeername()[0]
     except OSError:
