@@ -181,6 +181,10 @@ class ProxyConfig:
             refs.append(self.tls.ocsp_response)
         return refs
 
+    def upstream_groups(self) -> tuple[UpstreamGroup, ...]:
+        """Every upstream group: the top-level ``upstream`` (named ``default``) first."""
+        return (UpstreamGroup(DEFAULT_UPSTREAM, (self.upstream,)), *self.upstreams)
+
 
 def parse_address(text: str, where: str) -> Address:
     """``HOST:PORT`` or ``[IPv6]:PORT``; port 0 asks the system for a free one."""

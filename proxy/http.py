@@ -151,13 +151,9 @@ class ReceivedHead:
         return [*upgrade, (b"Connection", b"upgrade")] if upgrade else []
 
 
-def head_of(event: h11.Request | h11.Response | h11.InformationalResponse) -> ReceivedHead:
-    return ReceivedHead(event.headers)
-
-
 def is_upgrade(request: h11.Request, head: ReceivedHead | None = None) -> bool:
     """A protocol switch request (WebSocket): ``Upgrade`` named in ``Connection``."""
-    return (head or head_of(request)).upgrade
+    return (head or ReceivedHead(request.headers)).upgrade
 
 
 def _forwarded_node(address: str) -> bytes:
@@ -183,7 +179,7 @@ def upstream_request(
 
     The client's own headers were validated by h11 as they were parsed, so the event is
     built without validating them again; what the proxy adds is checked here."""
-    head = head or head_of(request)
+    head = head or ReceivedHead(request.headers)
     headers = [
         (name, value)
         for name, lower, value in head.end_to_end()
@@ -193,8 +189,7 @@ def upstream_request(
     ]
     host = head.host
     if host is None:
-        name = (client.server_name or upstream_host).encode("idna")
-        headers.insert(0, _checked([(b"Host", name)])[0])
+        headers[:0] = _checked([(b"Host", (client.server_name or upstream_host).encode("idna"))])
     forwarded_for = client.address.encode("ascii")
     if b"x-forwarded-for" in head.names:
         forwarded_for = b", ".join([*head.values(b"x-forwarded-for"), forwarded_for])
@@ -229,7 +224,7 @@ def client_response(
     """The response to send the client for ``response`` received from upstream;
     ``closing`` adds ``Connection: close`` (the proxy is draining or must close). The
     upstream's headers were validated by h11 as they were parsed."""
-    head = head or head_of(response)
+    head = head or ReceivedHead(response.headers)
     fields = head.end_to_end()
     if b"transfer-encoding" in head.names:
         # h11 read the body as chunked (RFC 9112, 6.3: Transfer-Encoding wins); a
@@ -250,7 +245,7 @@ def client_response(
 
 def switching_response(response: h11.InformationalResponse) -> h11.InformationalResponse:
     """The upstream's 101 for the client: end-to-end headers plus the Upgrade it agreed to."""
-    head = head_of(response)
+    head = ReceivedHead(response.headers)
     headers = [(name, value) for name, _, value in head.end_to_end()] + head.upgrade_fields()
     return h11.InformationalResponse(status_code=101, headers=headers, reason=response.reason)
 
@@ -306,7 +301,7 @@ def check_request(
     """Check a parsed request before forwarding; return the status to reject it with."""
     if request.method == b"CONNECT":
         return 501  # a reverse proxy does not open tunnels to arbitrary hosts
-    head = head or head_of(request)
+    head = head or ReceivedHead(request.headers)
     if b"content-length" in head.names and b"transfer-encoding" in head.names:
         return 400  # CL.TE / TE.CL smuggling: RFC 9112, 6.3 allows rejecting, and we do
     length = head.content_length
@@ -345,7 +340,7 @@ def choose_upstream(
     the target; the top-level upstream (``default``) when no route does."""
     if not routes:
         return DEFAULT_UPSTREAM
-    host_header = (head or head_of(request)).host
+    host_header = (head or ReceivedHead(request.headers)).host
     host = _host_name(host_header) if host_header is not None else (server_name or "").lower()
     path = request.target.decode("ascii", "replace")
     for route in routes:

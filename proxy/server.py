@@ -61,12 +61,10 @@ import trio
 
 from proxy.admin import Metrics, Operations, sign_probes, token_state
 from proxy.config import (
-    DEFAULT_UPSTREAM,
     Address,
     HTTPConfig,
     ProxyConfig,
     Route,
-    UpstreamConfig,
     UpstreamGroup,
 )
 from proxy.errors import TLSError
@@ -89,7 +87,7 @@ from proxy.logs import access_log, connection_context, log
 from proxy.reload import Generation, GenerationHolder
 from proxy.sockets import TCPStream
 from proxy.tls import TLSInfo, TLSStream
-from proxy.upstream import UpstreamConnection, UpstreamFailure, UpstreamPool
+from proxy.upstream import UpstreamConnection, UpstreamFailure, UpstreamPool, connect_first
 from proxy.workers import report_ready, worker_addresses
 
 _LINGER_SECONDS = 2.0
@@ -126,9 +124,8 @@ class ServerState:
         """Pools are shared by every configuration that names the same upstream group."""
         if self._routing is not None and self._routing[0] is config:
             return self._routing[1]
-        groups = [UpstreamGroup(DEFAULT_UPSTREAM, (config.upstream,)), *config.upstreams]
         pools = {}
-        for group in groups:
+        for group in config.upstream_groups():
             key = (group, config.http)
             if key not in self.pools:
                 self.pools[key] = UpstreamPool(group, config.http)
@@ -797,25 +794,15 @@ async def probe_readiness(state: ServerState, operations: Operations, interval: 
 
 async def _probe_upstreams(config: ProxyConfig, operations: Operations) -> None:
     """Ready when every upstream group has an address that accepts a TCP connection."""
-    groups: list[tuple[str, tuple[UpstreamConfig, ...]]] = [("default", (config.upstream,))]
-    groups += [(group.name, group.servers) for group in config.upstreams]
     reached = []
-    for name, servers in groups:
-        failure: UpstreamFailure | None = None
-        for server in servers:
-            try:
-                connection = await UpstreamConnection.connect(
-                    server, config.http.connect_timeout, config.http.read_timeout
-                )
-            except UpstreamFailure as exc:
-                failure = exc
-                continue
-            await connection.aclose()
-            reached.append(str(server))
-            break
-        else:
-            operations.readiness.upstream_result(False, f"{name}: {failure}")
+    for group in config.upstream_groups():
+        try:
+            connection = await connect_first(group.servers, config.http)
+        except UpstreamFailure as failure:
+            operations.readiness.upstream_result(False, f"{group.name}: {failure}")
             return
+        await connection.aclose()
+        reached.append(str(connection.config))
     operations.readiness.upstream_result(True, f"{', '.join(reached)} accepted a connection")
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import select
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 import h11
@@ -187,6 +188,26 @@ class UpstreamConnection:
         await self.stream.aclose()
 
 
+async def connect_first(
+    servers: Sequence[UpstreamConfig],
+    http: HTTPConfig,
+    on_failure: Callable[[UpstreamConfig, UpstreamFailure], None] | None = None,
+) -> UpstreamConnection:
+    """A connection to the first of ``servers`` that accepts one, in order; the last
+    failure when none does. ``on_failure`` hears of each address that failed."""
+    failure: UpstreamFailure | None = None
+    for server in servers:
+        try:
+            return await UpstreamConnection.connect(server, http.connect_timeout, http.read_timeout)
+        except UpstreamFailure as exc:
+            if on_failure is not None:
+                on_failure(server, exc)
+            failure = exc
+    if failure is None:
+        raise UpstreamFailure("no upstream address to connect to", 502, sent_nothing=True)
+    raise failure
+
+
 class UpstreamPool:
     """Keep-alive connections and address selection for one upstream group."""
 
@@ -229,26 +250,18 @@ class UpstreamPool:
         up = [server for server in ordered if self._down_until.get(server, 0.0) <= now]
         return up or ordered
 
-    async def _connect(self, candidates: list[UpstreamConfig]) -> UpstreamConnection:
-        failure: UpstreamFailure | None = None
-        for server in candidates:
-            try:
-                connection = await UpstreamConnection.connect(
-                    server, self.http.connect_timeout, self.http.read_timeout
-                )
-            except UpstreamFailure as exc:
-                self._down_until[server] = time.monotonic() + self.http.down_time
-                log.warning(
-                    f"{exc}; skipping {server} for {self.http.down_time:g}s",
-                    extra={"fields": {"event": "upstream_down", "upstream": str(server)}},
-                )
-                failure = exc
-                continue
-            self._down_until.pop(server, None)
-            self.connections_opened += 1
-            return connection
-        assert failure is not None
-        raise failure
+    async def _connect(self, candidates: Sequence[UpstreamConfig]) -> UpstreamConnection:
+        def mark_down(server: UpstreamConfig, failure: UpstreamFailure) -> None:
+            self._down_until[server] = time.monotonic() + self.http.down_time
+            log.warning(
+                f"{failure}; skipping {server} for {self.http.down_time:g}s",
+                extra={"fields": {"event": "upstream_down", "upstream": str(server)}},
+            )
+
+        connection = await connect_first(candidates, self.http, mark_down)
+        self._down_until.pop(connection.config, None)
+        self.connections_opened += 1
+        return connection
 
     async def connect(self) -> UpstreamConnection:
         """A new connection to the next address that accepts one."""

@@ -18,12 +18,14 @@ from typing import Any
 import pytest
 import trustme
 
+from tests.faulthsm import FaultControl
 from tests.faulthsm import build as build_faulthsm
 from tests.support import (
     HSM,
     ProxyFactory,
     ProxyProcess,
     RecordingUpstream,
+    StartOnFaulthsm,
     make_hsm,
     start_upstream,
 )
@@ -54,6 +56,34 @@ def ca() -> trustme.CA:
 def faulthsm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """libfaulthsm.so (tests/faulthsm/faulthsm.c), built with the system C compiler."""
     return build_faulthsm(tmp_path_factory.mktemp("faulthsm"))
+
+
+@pytest.fixture
+def fault(tmp_path: Path) -> Iterator[FaultControl]:
+    control = FaultControl(tmp_path / "faulthsm.control")
+    yield control
+    control.clear()
+
+
+@pytest.fixture
+def on_faulthsm(
+    proxy_factory: ProxyFactory, hsm: HSM, faulthsm: Path, fault: FaultControl
+) -> StartOnFaulthsm:
+    """Starts a proxy whose module is faulthsm over the test token: ``on_faulthsm(key,
+    settings={...}, **proxy_factory options)``, FAULTHSM_* from ``settings``."""
+
+    def start(key: str = "ec256", **options: object) -> ProxyProcess:
+        settings = options.pop("settings", {})
+        assert isinstance(settings, dict)
+        env = {
+            "FAULTHSM_CONTROL": str(fault.path),
+            "FAULTHSM_MODULE": hsm.module,
+            "FAULTHSM_STATS": str(fault.path.with_name("faulthsm.stats")),
+        }
+        env.update({f"FAULTHSM_{name.upper()}": str(value) for name, value in settings.items()})
+        return proxy_factory(key, module=str(faulthsm), env=env, **options)
+
+    return start
 
 
 @pytest.fixture

@@ -348,6 +348,8 @@ class ProxyProcess:
 
 
 ProxyFactory = Callable[..., ProxyProcess]
+# conftest.on_faulthsm: a proxy on faulthsm over the test token (key, settings=..., options)
+StartOnFaulthsm = Callable[..., ProxyProcess]
 
 
 # --- clients -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from tests.support import (
     REPO,
     ProxyFactory,
     RecordingUpstream,
+    StartOnFaulthsm,
     client_context,
     free_port,
     https_request,
@@ -75,20 +76,9 @@ def test_extractable_key_is_refused_by_policy_and_warned_about_otherwise(
 
 
 def test_full_handshake_queue_refuses_new_connections_at_once(
-    tmp_path: Path,
-    hsm: HSM,
-    faulthsm: Path,
-    ca: trustme.CA,
-    proxy_factory: ProxyFactory,
-    upstream: RecordingUpstream,
+    on_faulthsm: StartOnFaulthsm, ca: trustme.CA, upstream: RecordingUpstream
 ) -> None:
-    proxy = proxy_factory(
-        "ec256",
-        module=str(faulthsm),
-        sessions=1,
-        extra_token="queue_limit = 1",
-        env={"FAULTHSM_MODULE": hsm.module, "FAULTHSM_DELAY_MS": "1500"},
-    )
+    proxy = on_faulthsm(sessions=1, extra_token="queue_limit = 1", settings={"delay_ms": 1500})
     outcomes: list[str] = []
 
     def connect(number: int) -> None:
@@ -156,18 +146,9 @@ def test_dev_mode_loads_another_module_that_forwards_to_the_dev_token(
 
 
 def test_pool_is_sized_down_to_the_sessions_the_token_allows(
-    hsm: HSM,
-    faulthsm: Path,
-    ca: trustme.CA,
-    proxy_factory: ProxyFactory,
-    upstream: RecordingUpstream,
+    on_faulthsm: StartOnFaulthsm, ca: trustme.CA, upstream: RecordingUpstream
 ) -> None:
-    proxy = proxy_factory(
-        "ec256",
-        module=str(faulthsm),
-        sessions=8,
-        env={"FAULTHSM_MODULE": hsm.module, "FAULTHSM_MAX_SESSIONS": "3"},
-    )
+    proxy = on_faulthsm(sessions=8, settings={"max_sessions": 3})
     limit = proxy.wait_for_log(lambda entry: entry.get("event") == "token_session_limit")
     assert "instead of the 8 configured" in limit["message"]
     started = proxy.wait_for_log(

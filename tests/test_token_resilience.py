@@ -10,7 +10,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,54 +17,22 @@ import trustme
 
 from tests.faulthsm import FaultControl, read_stats
 from tests.support import (
-    HSM,
     TOKEN_PIN,
     ProxyFactory,
-    ProxyProcess,
     RecordingUpstream,
+    StartOnFaulthsm,
     client_context,
     https_request,
 )
 
 
-@pytest.fixture
-def fault(tmp_path: Path) -> Iterator[FaultControl]:
-    control = FaultControl(tmp_path / "faulthsm.control")
-    yield control
-    control.clear()
-
-
-def start_on_faulthsm(
-    proxy_factory: ProxyFactory,
-    hsm: HSM,
-    faulthsm: Path,
-    fault: FaultControl,
-    key: str = "ec256",
-    **options: object,
-) -> ProxyProcess:
-    """A proxy whose module is faulthsm over the test token; FAULTHSM_* from ``settings``."""
-    settings = options.pop("settings", {})
-    assert isinstance(settings, dict)
-    env = {
-        "FAULTHSM_CONTROL": str(fault.path),
-        "FAULTHSM_MODULE": hsm.module,
-        "FAULTHSM_STATS": str(fault.path.with_name("faulthsm.stats")),
-    }
-    env.update({f"FAULTHSM_{name.upper()}": str(value) for name, value in settings.items()})
-    return proxy_factory(key, module=str(faulthsm), env=env, **options)
-
-
 def test_rsa_key_without_raw_rsa_still_does_tls13_through_pkcs_pss(
-    proxy_factory: ProxyFactory,
-    hsm: HSM,
-    faulthsm: Path,
+    on_faulthsm: StartOnFaulthsm,
     fault: FaultControl,
     ca: trustme.CA,
     upstream: RecordingUpstream,
 ) -> None:
-    proxy = start_on_faulthsm(
-        proxy_factory, hsm, faulthsm, fault, "rsa2048", settings={"hide": "CKM_RSA_X_509"}
-    )
+    proxy = on_faulthsm("rsa2048", settings={"hide": "CKM_RSA_X_509"})
     reply = https_request(proxy.port, client_context(ca, ssl.TLSVersion.TLSv1_3), path="/pss")
     assert reply.status == 200
     assert reply.tls_version == "TLSv1.3"
@@ -77,18 +44,12 @@ def test_rsa_key_without_raw_rsa_still_does_tls13_through_pkcs_pss(
 
 
 def test_rsa_key_without_any_pss_mechanism_falls_back_to_tls12_and_says_so(
-    proxy_factory: ProxyFactory,
-    hsm: HSM,
-    faulthsm: Path,
+    on_faulthsm: StartOnFaulthsm,
     fault: FaultControl,
     ca: trustme.CA,
     upstream: RecordingUpstream,
 ) -> None:
-    proxy = start_on_faulthsm(
-        proxy_factory,
-        hsm,
-        faulthsm,
-        fault,
+    proxy = on_faulthsm(
         "rsa2048",
         settings={"hide": "CKM_RSA_X_509,CKM_RSA_PKCS_PSS"},
     )
@@ -164,16 +125,12 @@ def _handshake_all(port: int, context: ssl.SSLContext, count: int) -> list[int]:
 
 
 def test_concurrent_handshakes_overlap_their_token_signatures(
-    proxy_factory: ProxyFactory,
-    hsm: HSM,
-    faulthsm: Path,
+    on_faulthsm: StartOnFaulthsm,
     fault: FaultControl,
     ca: trustme.CA,
     upstream: RecordingUpstream,
 ) -> None:
-    proxy = start_on_faulthsm(
-        proxy_factory, hsm, faulthsm, fault, sessions=8, settings={"delay_ms": 5}
-    )
+    proxy = on_faulthsm(sessions=8, settings={"delay_ms": 5})
     assert _handshake_all(proxy.port, client_context(ca), 50) == [200] * 50
     assert proxy.signatures() == 50
     # The token saw several signatures under way at once: 50 handshakes never queue behind
@@ -209,14 +166,12 @@ class KeepAlive:
 
 
 def test_keepalive_requests_do_not_wait_behind_handshakes_stuck_on_a_slow_token(
-    proxy_factory: ProxyFactory,
-    hsm: HSM,
-    faulthsm: Path,
+    on_faulthsm: StartOnFaulthsm,
     fault: FaultControl,
     ca: trustme.CA,
     upstream: RecordingUpstream,
 ) -> None:
-    proxy = start_on_faulthsm(proxy_factory, hsm, faulthsm, fault, sessions=2)
+    proxy = on_faulthsm(sessions=2)
     context = client_context(ca)
     kept = KeepAlive(proxy.port, context)
     try:
@@ -251,16 +206,12 @@ def test_keepalive_requests_do_not_wait_behind_handshakes_stuck_on_a_slow_token(
 
 
 def test_device_error_fails_new_handshakes_fast_then_recovers_without_dropping_connections(
-    proxy_factory: ProxyFactory,
-    hsm: HSM,
-    faulthsm: Path,
+    on_faulthsm: StartOnFaulthsm,
     fault: FaultControl,
     ca: trustme.CA,
     upstream: RecordingUpstream,
 ) -> None:
-    proxy = start_on_faulthsm(
-        proxy_factory, hsm, faulthsm, fault, extra_tls="handshake_timeout = 60\n"
-    )
+    proxy = on_faulthsm(extra_tls="handshake_timeout = 60\n")
     context = client_context(ca)
     kept = KeepAlive(proxy.port, context)
     try:
@@ -305,14 +256,12 @@ def test_device_error_fails_new_handshakes_fast_then_recovers_without_dropping_c
 @pytest.mark.parametrize("error", ["CKR_SESSION_HANDLE_INVALID", "CKR_USER_NOT_LOGGED_IN"])
 def test_lost_session_or_login_is_reopened_without_the_client_noticing(
     error: str,
-    proxy_factory: ProxyFactory,
-    hsm: HSM,
-    faulthsm: Path,
+    on_faulthsm: StartOnFaulthsm,
     fault: FaultControl,
     ca: trustme.CA,
     upstream: RecordingUpstream,
 ) -> None:
-    proxy = start_on_faulthsm(proxy_factory, hsm, faulthsm, fault)
+    proxy = on_faulthsm()
     fault.set(error=error, error_count=1)  # the next signature fails once, as after failover
     reply = https_request(proxy.port, client_context(ca), path="/reopened")
     assert reply.status == 200
@@ -323,16 +272,14 @@ def test_lost_session_or_login_is_reopened_without_the_client_noticing(
 
 def test_a_refused_pin_during_recovery_is_not_retried(
     tmp_path: Path,
-    proxy_factory: ProxyFactory,
-    hsm: HSM,
-    faulthsm: Path,
+    on_faulthsm: StartOnFaulthsm,
     fault: FaultControl,
     ca: trustme.CA,
     upstream: RecordingUpstream,
 ) -> None:
     pin_file = tmp_path / "pin"
     pin_file.write_text(TOKEN_PIN)
-    proxy = start_on_faulthsm(proxy_factory, hsm, faulthsm, fault, pin_file=pin_file)
+    proxy = on_faulthsm(pin_file=pin_file)
     pin_file.write_text("a-wrong-pin-7781")  # someone broke the PIN file meanwhile
     # The device fails long enough for the proxy to re-initialise the module, which ends
     # the process's login: when the device is back, it must log in again, with the PIN
