@@ -60,10 +60,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.report import RESUMED_UNIT, Run, Unavailable, write_results
-from proxy.certificates import DevCA
-from proxy.devstate import find_softhsm_module, use_softhsm_config
-from proxy.pkcs11uri import KeyURI
-from proxy.token import Token, generate_key, initialize_token
+from proxy.commands.devstate import find_softhsm_module, use_softhsm_config
+from proxy.pkcs11.token import Token, generate_key, initialize_token
+from proxy.pkcs11.uri import KeyURI
+from proxy.tls.certificates import DevCA
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"

@@ -55,10 +55,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy.clientauth import MODES, ClientAuthPolicy, parse_spki_pin
 from proxy.errors import ConfigError
-from proxy.pkcs11uri import KeyURI, parse_key_uri
-from proxy.secrets import AWSSettings, PinSource, SecretRef
+from proxy.pkcs11.uri import KeyURI, parse_key_uri
+from proxy.secrets.store import AWSSettings, PinSource, SecretRef
+from proxy.tls.clientauth import MODES, ClientAuthPolicy, parse_spki_pin
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from proxy.certificates import DevCA
-from proxy.devstate import find_softhsm_module, use_softhsm_config
-from proxy.pkcs11uri import KeyURI
+from proxy.commands.devstate import find_softhsm_module, use_softhsm_config
+from proxy.pkcs11.token import Token, generate_key, initialize_token
+from proxy.pkcs11.uri import KeyURI
 from proxy.pytest_plugin import read_json_lines, stop_process
-from proxy.token import Token, generate_key, initialize_token
+from proxy.tls.certificates import DevCA
 
 TOKEN_LABEL = "proxy"
 TOKEN_PIN = "test-pin-4821"

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.cli import _parser
+from proxy.commands.cli import _parser
 from proxy.config import load_config, parse_config
 from tests.support import REPO
 

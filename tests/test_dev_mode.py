@@ -89,7 +89,7 @@ def test_dev_key_is_sensitive_and_never_extractable(tmp_path: Path) -> None:
     state = tmp_path / "state"
     process, _ = _start_dev(state, tmp_path / "dev.log")
     _stop(process)
-    from proxy.devstate import find_softhsm_module
+    from proxy.commands.devstate import find_softhsm_module
 
     listing = subprocess.run(
         [

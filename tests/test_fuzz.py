@@ -32,16 +32,16 @@ import h11
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.clientauth import is_identity_header
 from proxy.config import HTTPConfig, ProxyConfig, load_config, parse_config
 from proxy.errors import ConfigError
-from proxy.http import (
+from proxy.http.rules import (
     HOP_BY_HOP,
     ClientInfo,
     check_request,
     check_request_head,
     upstream_request,
 )
+from proxy.tls.clientauth import is_identity_header
 
 FUZZ = settings(
     max_examples=400,

@@ -93,9 +93,9 @@ def test_planted_pin_appears_in_no_log_line_error_or_check_output(
 CRASH = """
 import logging, sys, threading
 from pathlib import Path
-from proxy.hardening import install_excepthooks
-from proxy.logs import log, setup_logging
-from proxy.secrets import PinSource, read_pin
+from proxy.ops.hardening import install_excepthooks
+from proxy.ops.logs import log, setup_logging
+from proxy.secrets.store import PinSource, read_pin
 
 install_excepthooks()
 setup_logging("info", json_lines=True)

@@ -9,10 +9,9 @@ from typing import Any
 import h11
 import pytest
 
-from proxy.clientauth import ClientIdentity
 from proxy.config import HTTPConfig, Route, UpstreamConfig, UpstreamGroup, parse_config
 from proxy.errors import ConfigError
-from proxy.http import (
+from proxy.http.rules import (
     ClientInfo,
     check_request,
     check_request_head,
@@ -22,6 +21,7 @@ from proxy.http import (
     switching_response,
     upstream_request,
 )
+from proxy.tls.clientauth import ClientIdentity
 
 LIMITS = HTTPConfig(max_request_line=100, max_header_bytes=400, max_headers=5, max_body_bytes=1000)
 

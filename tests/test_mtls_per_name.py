@@ -12,12 +12,12 @@ import trio
 import trio.testing
 import trustme
 
-from proxy.certificates import parse_chain
-from proxy.clientauth import ClientAuthPolicy, load_ca_bundle
 from proxy.errors import TLSError
-from proxy.secrets import SecretRef
-from proxy.tls import TLSInfo, TLSStream, build_server_context
-from proxy.token import Token
+from proxy.pkcs11.token import Token
+from proxy.secrets.store import SecretRef
+from proxy.tls.certificates import parse_chain
+from proxy.tls.clientauth import ClientAuthPolicy, load_ca_bundle
+from proxy.tls.core import TLSInfo, TLSStream, build_server_context
 from tests.support import HSM, TOKEN_PIN, issue_chain
 from tests.test_mtls import issue_client_cert
 

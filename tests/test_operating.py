@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from proxy.certificates import load_chain
 from proxy.config import parse_config
 from proxy.errors import ConfigError
+from proxy.tls.certificates import load_chain
 from tests.support import (
     HSM,
     TOKEN_PIN,
@@ -288,7 +288,7 @@ def test_reload_results_and_new_generations_reach_the_metrics(
     """The hooks reload.py calls: counted per result, the new certificate's expiry exported."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from proxy.admin import Operations
+    from proxy.ops.admin import Operations
     from tests.support import issue_chain
 
     operations = Operations()

@@ -9,12 +9,12 @@ from pathlib import Path
 import h11
 import pytest
 
-from proxy.clientauth import ClientAuthPolicy, ClientIdentity, identity_headers
 from proxy.errors import ConfigError
-from proxy.hardening import forget_secrets, redact_headers, remember_secret, scrub
-from proxy.http import ClientInfo, upstream_request
-from proxy.limits import HandshakeLimiter
-from proxy.secrets import SecretRef
+from proxy.http.rules import ClientInfo, upstream_request
+from proxy.net.limits import HandshakeLimiter
+from proxy.ops.hardening import forget_secrets, redact_headers, remember_secret, scrub
+from proxy.secrets.store import SecretRef
+from proxy.tls.clientauth import ClientAuthPolicy, ClientIdentity, identity_headers
 
 IDENTITY = ClientIdentity(
     subject="CN=Zoë\\, the admin,O=Example",

@@ -9,7 +9,7 @@ import struct
 import pytest
 import trio
 
-from proxy.sockets import TCPStream
+from proxy.net.sockets import TCPStream
 
 
 def _connected_pair() -> tuple[socket.socket, socket.socket]:

@@ -63,7 +63,7 @@ def test_ambiguous_key_uri_lists_every_match(
 def test_certificate_for_another_key_is_refused_with_both_fingerprints(
     tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
 ) -> None:
-    from proxy.certificates import spki_fingerprint
+    from proxy.tls.certificates import spki_fingerprint
 
     config = write_config(tmp_path, hsm, ca, upstream.url, "ec256", certificate_for="other")
     code, output = _run(config)

@@ -10,10 +10,10 @@ import trio
 import trio.testing
 import trustme
 
-from proxy.certificates import check_key_matches, parse_chain
 from proxy.errors import TLSError
-from proxy.tls import TLSStream, build_server_context
-from proxy.token import Token
+from proxy.pkcs11.token import Token
+from proxy.tls.certificates import check_key_matches, parse_chain
+from proxy.tls.core import TLSStream, build_server_context
 from tests.support import HSM, TOKEN_PIN, issue_chain
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from proxy.config import parse_address, parse_config, parse_upstream
 from proxy.errors import ConfigError, KeyURIError, SecretError
-from proxy.pkcs11uri import KeyURI, parse_key_uri
-from proxy.secrets import PinSource, read_pin
+from proxy.pkcs11.uri import KeyURI, parse_key_uri
+from proxy.secrets.store import PinSource, read_pin
 
 
 def test_key_uri_round_trip() -> None:

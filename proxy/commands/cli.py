@@ -38,13 +38,13 @@ from proxy.config import (
     parse_upstream,
 )
 from proxy.errors import ConfigError, ProxyError, TokenError
-from proxy.hardening import drop_privileges, install_excepthooks
-from proxy.logs import audit_signature, connection_context, log, setup_logging
-from proxy.token import SignatureEvent
+from proxy.ops.hardening import drop_privileges, install_excepthooks
+from proxy.ops.logs import audit_signature, connection_context, log, setup_logging
+from proxy.pkcs11.token import SignatureEvent
 
 if TYPE_CHECKING:
-    from proxy.checks import Row
-    from proxy.reload import Generation, Reloader, ReloadResult
+    from proxy.commands.check import Row
+    from proxy.generation.reload import Generation, Reloader, ReloadResult
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,9 +158,9 @@ def _serve(
     reread: Callable[[], ProxyConfig] | None = None,
     pid_file: Path | None = None,
 ) -> int:
-    from proxy.admin import Operations
-    from proxy.reload import GenerationHolder, Reloader, ReloadResult, build_generation
-    from proxy.server import serve
+    from proxy.generation.reload import GenerationHolder, Reloader, ReloadResult, build_generation
+    from proxy.net.server import serve
+    from proxy.ops.admin import Operations
 
     operations = Operations(config.admin)
 
@@ -240,7 +240,7 @@ def _serve(
 
 def prove_token_after_drop(generation: Generation, user: str) -> None:
     """The token must still sign for the unprivileged user: fail now, not per handshake."""
-    from proxy.certificates import check_key_matches
+    from proxy.tls.certificates import check_key_matches
 
     try:
         check_key_matches(generation.chain, generation.key)
@@ -279,7 +279,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers == 1:
         return _serve(config, None, lambda: load_config(path), args.pid_file)
     from proxy.errors import ConfigError
-    from proxy.workers import Supervisor, worker_command
+    from proxy.net.workers import Supervisor, worker_command
 
     if args.pid_file is not None:
         raise ConfigError(
@@ -348,8 +348,8 @@ def _read_status(path: Path | None) -> dict[str, Any] | None:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from proxy.demo import start_demo_upstream
-    from proxy.devstate import default_state_dir, prepare_dev_state
+    from proxy.commands.demo import start_demo_upstream
+    from proxy.commands.devstate import default_state_dir, prepare_dev_state
 
     state_dir = args.state_dir or default_state_dir()
     listen = parse_address(args.listen, "--listen")
@@ -363,7 +363,7 @@ def _dev(args: argparse.Namespace) -> int:
     state = prepare_dev_state(state_dir)
     module = state.module
     if args.module:
-        from proxy.token import unload_module
+        from proxy.pkcs11.token import unload_module
 
         # The other module forwards to SoftHSM2 in this process: let it initialise it anew.
         unload_module(state.module)
@@ -396,7 +396,7 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from proxy.checks import FAIL, format_rows, run_checks
+    from proxy.commands.check import FAIL, format_rows, run_checks
 
     purpose = connection_context.set({"purpose": "check"})
     try:
@@ -421,11 +421,11 @@ def _check(args: argparse.Namespace) -> int:
 def _security_checks(path: Path) -> list[Row]:
     """check's rows for the TLS policy, mutual TLS (its CA bundle read and checked) and the
     OCSP staple (read and checked against the certificate)."""
-    from proxy.checks import FAIL, OK, Row
-    from proxy.keybridge import verify_shared_libcrypto
-    from proxy.ocsp import check_ocsp_response
-    from proxy.reload import _client_auth, load_chain_secret
-    from proxy.secrets import default_store
+    from proxy.commands.check import FAIL, OK, Row
+    from proxy.generation.reload import _client_auth, load_chain_secret
+    from proxy.secrets.store import default_store
+    from proxy.tls.keybridge import verify_shared_libcrypto
+    from proxy.tls.ocsp import check_ocsp_response
 
     try:
         config = load_config(path)
@@ -450,7 +450,7 @@ def _security_checks(path: Path) -> list[Row]:
 
 
 def _security_rows(config: ProxyConfig) -> list[tuple[str, str]]:
-    from proxy.tls import key_exchange_groups
+    from proxy.tls.core import key_exchange_groups
 
     rows = [
         (
@@ -480,8 +480,8 @@ def _security_rows(config: ProxyConfig) -> list[tuple[str, str]]:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from proxy.doctor import doctor_report
-    from proxy.secrets import PinSource
+    from proxy.commands.doctor import doctor_report
+    from proxy.secrets.store import PinSource
 
     if args.signatures < 0:
         raise ConfigError(f"--signatures: must be 0 or more, got {args.signatures}")

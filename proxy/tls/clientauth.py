@@ -30,9 +30,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from proxy.certificates import parse_chain
 from proxy.errors import CertificateError, ConfigError, SecretError
-from proxy.secrets import SecretRef
+from proxy.secrets.store import SecretRef
+from proxy.tls.certificates import parse_chain
 
 ClientAuthMode = Literal["require", "optional"]
 MODES: tuple[ClientAuthMode, ...] = ("require", "optional")

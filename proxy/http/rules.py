@@ -38,8 +38,8 @@ from typing import Any
 
 import h11
 
-from proxy.clientauth import ClientIdentity, identity_headers, is_identity_header
 from proxy.config import DEFAULT_UPSTREAM, HTTPConfig, Route
+from proxy.tls.clientauth import ClientIdentity, identity_headers, is_identity_header
 
 HOP_BY_HOP = frozenset(
     {

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.errors import SecretError
-from proxy.hardening import check_private_file, remember_secret
+from proxy.ops.hardening import check_private_file, remember_secret
 
 # What kinds of secret must sit in private files (a certificate chain is public).
 PRIVATE_SECRETS = frozenset({"PIN", "session-ticket key"})

@@ -16,8 +16,8 @@ import logging
 import sys
 from typing import Any
 
-from proxy.hardening import ScrubbingFilter
-from proxy.token import SignatureEvent
+from proxy.ops.hardening import ScrubbingFilter
+from proxy.pkcs11.token import SignatureEvent
 
 log = logging.getLogger("hsm_proxy")
 access_log = logging.getLogger("hsm_proxy.access")

@@ -22,11 +22,11 @@ import secrets as random_source
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.certificates import DevCA, check_key_matches, load_chain
 from proxy.errors import CertificateError, ConfigError, KeyMismatchError
-from proxy.pkcs11uri import KeyURI
-from proxy.secrets import PinSource, read_pin, write_secret_file
-from proxy.token import Token, generate_key, initialize_token, list_tokens
+from proxy.pkcs11.token import Token, generate_key, initialize_token, list_tokens
+from proxy.pkcs11.uri import KeyURI
+from proxy.secrets.store import PinSource, read_pin, write_secret_file
+from proxy.tls.certificates import DevCA, check_key_matches, load_chain
 
 DEV_TOKEN_LABEL = "hsm-proxy-dev"  # noqa: S105 - a label, not a secret
 DEV_KEY_LABEL = "hsm-proxy-dev-key"

@@ -86,10 +86,10 @@ from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _pyopenssl_ffi
 from OpenSSL._util import lib as _typed_lib
 
-from proxy.certificates import Chain
-from proxy.clientauth import ClientAuthPolicy, ClientIdentity
 from proxy.errors import SecretError, TLSError
-from proxy.keybridge import (
+from proxy.tls.certificates import Chain
+from proxy.tls.clientauth import ClientAuthPolicy, ClientIdentity
+from proxy.tls.keybridge import (
     KeySigner,
     install_certificate_and_key,
     pop_signed,

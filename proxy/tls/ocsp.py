@@ -19,8 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from proxy.certificates import Chain
 from proxy.errors import SecretError
+from proxy.tls.certificates import Chain
 
 
 def _issuer_matches(response: ocsp.OCSPResponse, chain: Chain) -> bool:

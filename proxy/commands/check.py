@@ -25,16 +25,16 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from proxy.certificates import Chain, check_key_matches
 from proxy.config import ProxyConfig, load_config
 from proxy.errors import ProxyError
-from proxy.keybridge import verify_shared_libcrypto
 
 # The same loaders a reload uses, so check and reload agree on every message.
-from proxy.reload import build_site, check_custody, checking, load_chain_secret
-from proxy.secrets import SecretRef, SecretStore, default_store, read_pin
-from proxy.tls import TicketKey, build_server_context, parse_ticket_key
-from proxy.token import SignatureObserver, Token, TokenKey
+from proxy.generation.reload import build_site, check_custody, checking, load_chain_secret
+from proxy.pkcs11.token import SignatureObserver, Token, TokenKey
+from proxy.secrets.store import SecretRef, SecretStore, default_store, read_pin
+from proxy.tls.certificates import Chain, check_key_matches
+from proxy.tls.core import TicketKey, build_server_context, parse_ticket_key
+from proxy.tls.keybridge import verify_shared_libcrypto
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 T = TypeVar("T")

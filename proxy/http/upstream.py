@@ -39,8 +39,8 @@ import trio
 
 from proxy.config import HTTPConfig, UpstreamConfig, UpstreamGroup
 from proxy.errors import UpstreamError
-from proxy.logs import log
-from proxy.sockets import TCPStream
+from proxy.net.sockets import TCPStream
+from proxy.ops.logs import log
 
 # Large reads from backends: fewer h11 events and TLS batches per MiB (bench scenario 4);
 # bounded per read, so memory stays flat however large the body.

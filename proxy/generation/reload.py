@@ -41,15 +41,15 @@ from typing import TYPE_CHECKING, cast
 
 import trio
 
-from proxy.certificates import Chain, check_key_matches, parse_chain, validate_chain
-from proxy.clientauth import ClientAuthPolicy, load_ca_bundle
 from proxy.config import ProxyConfig, SiteConfig
 from proxy.errors import ConfigError, KeyCustodyError, LoginError, ProxyError, SecretError
-from proxy.keybridge import verify_shared_libcrypto
-from proxy.logs import log
-from proxy.ocsp import check_ocsp_response
-from proxy.secrets import SecretRef, SecretStore, default_store, read_pin
-from proxy.tls import (
+from proxy.net.workers import inherited_ticket_key
+from proxy.ops.logs import log
+from proxy.pkcs11.token import SignatureObserver, Token, TokenKey
+from proxy.secrets.store import SecretRef, SecretStore, default_store, read_pin
+from proxy.tls.certificates import Chain, check_key_matches, parse_chain, validate_chain
+from proxy.tls.clientauth import ClientAuthPolicy, load_ca_bundle
+from proxy.tls.core import (
     TicketKey,
     TLSPolicy,
     attach_sni_routes,
@@ -57,8 +57,8 @@ from proxy.tls import (
     install_ticket_keys,
     parse_ticket_key,
 )
-from proxy.token import SignatureObserver, Token, TokenKey
-from proxy.workers import inherited_ticket_key
+from proxy.tls.keybridge import verify_shared_libcrypto
+from proxy.tls.ocsp import check_ocsp_response
 
 if TYPE_CHECKING:  # only tls.py and keybridge.py touch OpenSSL; this is a type name
     from OpenSSL import SSL

@@ -19,10 +19,8 @@ import time
 from collections import Counter
 
 from proxy.errors import ProxyError, TokenError
-from proxy.pkcs11uri import KeyURI
-from proxy.secrets import PinSource, read_pin
-from proxy.testsign import sign_test_digest, verifies
-from proxy.token import (
+from proxy.pkcs11.testsign import sign_test_digest, verifies
+from proxy.pkcs11.token import (
     PROXY_MECHANISMS,
     KeyListing,
     SlotReport,
@@ -31,6 +29,8 @@ from proxy.token import (
     describe_slots,
     list_private_keys,
 )
+from proxy.pkcs11.uri import KeyURI
+from proxy.secrets.store import PinSource, read_pin
 
 
 def doctor_report(

@@ -59,7 +59,6 @@ from functools import partial
 import h11
 import trio
 
-from proxy.admin import Metrics, Operations, sign_probes, token_state
 from proxy.config import (
     Address,
     HTTPConfig,
@@ -68,8 +67,8 @@ from proxy.config import (
     UpstreamGroup,
 )
 from proxy.errors import TLSError
-from proxy.hardening import redact_headers
-from proxy.http import (
+from proxy.generation.reload import Generation, GenerationHolder
+from proxy.http.rules import (
     IDEMPOTENT_METHODS,
     ClientInfo,
     ReceivedHead,
@@ -82,13 +81,14 @@ from proxy.http import (
     switching_response,
     upstream_request,
 )
-from proxy.limits import HandshakeLimiter
-from proxy.logs import access_log, connection_context, log
-from proxy.reload import Generation, GenerationHolder
-from proxy.sockets import TCPStream
-from proxy.tls import TLSInfo, TLSStream
-from proxy.upstream import UpstreamConnection, UpstreamFailure, UpstreamPool, connect_first
-from proxy.workers import report_ready, worker_addresses
+from proxy.http.upstream import UpstreamConnection, UpstreamFailure, UpstreamPool, connect_first
+from proxy.net.limits import HandshakeLimiter
+from proxy.net.sockets import TCPStream
+from proxy.net.workers import report_ready, worker_addresses
+from proxy.ops.admin import Metrics, Operations, sign_probes, token_state
+from proxy.ops.hardening import redact_headers
+from proxy.ops.logs import access_log, connection_context, log
+from proxy.tls.core import TLSInfo, TLSStream
 
 _LINGER_SECONDS = 2.0
 _CLOSE_GRACE_SECONDS = _LINGER_SECONDS + 2.0

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import cffi
 
 from proxy.errors import SystemOpenSSLError, TLSError
-from proxy.token import KeyInfo, Mechanism, PSSParams
+from proxy.pkcs11.token import KeyInfo, Mechanism, PSSParams
 
 _ffi = cffi.FFI()
 _ffi.cdef(
@@ -596,7 +596,7 @@ def verify_shared_libcrypto() -> str:
     return str(_ffi.string(_libcrypto.OpenSSL_version(0)).decode())
 
 
-if __name__ == "__main__":  # deploy/setup.sh: python -m proxy.keybridge --verify
+if __name__ == "__main__":  # deploy/setup.sh: python -m proxy.tls.keybridge --verify
     try:
         print(verify_shared_libcrypto())
     except SystemOpenSSLError as error:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from proxy.config import Address
 from proxy.errors import ConfigError
-from proxy.logs import log
+from proxy.ops.logs import log
 
 WORKER_LISTEN_ENV = "HSM_PROXY_WORKER_LISTEN"
 READY_FD_ENV = "HSM_PROXY_READY_FD"

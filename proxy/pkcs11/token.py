@@ -13,7 +13,7 @@ generation opens its own fresh sessions while the old generation's are still sig
 the old ones are closed only when nothing uses them. A second C_Login in a process that is
 already logged in returns CKR_USER_ALREADY_LOGGED_IN without looking at the PIN, so when
 the process is logged in already, the new PIN is proven by :func:`probe_login` in a
-short-lived child process (``python -m proxy.token --probe-login``) that reads it from a
+short-lived child process (``python -m proxy.pkcs11.token --probe-login``) that reads it from a
 pipe, never from its command line.
 
 ``Token.sign`` is synchronous and thread-safe: it is called from OpenSSL's key callbacks,
@@ -68,7 +68,7 @@ from proxy.errors import (
     TokenError,
     TokenNotFoundError,
 )
-from proxy.pkcs11uri import KeyURI, parse_key_uri
+from proxy.pkcs11.uri import KeyURI, parse_key_uri
 
 
 class Mechanism(enum.Enum):
@@ -474,7 +474,14 @@ def probe_login(module_path: str, selection: KeyURI, pin: str) -> None:
     """
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "proxy.token", "--probe-login", module_path, str(selection)],
+            [
+                sys.executable,
+                "-m",
+                "proxy.pkcs11.token",
+                "--probe-login",
+                module_path,
+                str(selection),
+            ],
             input=pin.encode("utf-8"),
             capture_output=True,
             timeout=_PROBE_TIMEOUT,
@@ -1306,8 +1313,10 @@ def list_private_keys(token: Token) -> list[KeyListing]:
     return listings
 
 
-if __name__ == "__main__":  # probe_login's child: python -m proxy.token --probe-login MODULE URI
+if (
+    __name__ == "__main__"
+):  # probe_login's child: python -m proxy.pkcs11.token --probe-login MODULE URI
     if len(sys.argv) != 4 or sys.argv[1] != "--probe-login":
-        print("usage: python -m proxy.token --probe-login MODULE TOKEN-URI (PIN on stdin)")
+        print("usage: python -m proxy.pkcs11.token --probe-login MODULE TOKEN-URI (PIN on stdin)")
         raise SystemExit(2)
     raise SystemExit(_probe_login_main(sys.argv[2], sys.argv[3]))

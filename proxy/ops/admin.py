@@ -40,12 +40,12 @@ from prometheus_client import (
 )
 
 from proxy import __version__
-from proxy.certificates import Chain, not_valid_before
 from proxy.config import AdminConfig
 from proxy.errors import ProxyError
-from proxy.logs import connection_context
-from proxy.testsign import PublicKey, SignedDigest, sign_test_digest, verifies
-from proxy.token import SignatureEvent, Token, TokenKey
+from proxy.ops.logs import connection_context
+from proxy.pkcs11.testsign import PublicKey, SignedDigest, sign_test_digest, verifies
+from proxy.pkcs11.token import SignatureEvent, Token, TokenKey
+from proxy.tls.certificates import Chain, not_valid_before
 
 # Handshakes and token signatures are milliseconds on a local token, tens of ms on a
 # network HSM (CloudHSM), seconds when something is wrong.

@@ -1,0 +1,1 @@
+"""The ``hsm-proxy`` commands: the command line and what dev, check and doctor do."""

@@ -1,0 +1,2 @@
+"""Generations: everything derived from secrets, built and validated as named steps, swapped
+whole on reload."""

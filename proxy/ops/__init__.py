@@ -1,0 +1,1 @@
+"""Operating the proxy: metrics, admin endpoints, readiness, logs, operator safety."""

@@ -1,0 +1,2 @@
+"""The TLS layer: everything that touches OpenSSL (contexts, the stream, the key bridge,
+certificates, client auth, OCSP, session tickets); see docs/ARCHITECTURE.md."""
