@@ -18,7 +18,6 @@ nothing here runs an event loop.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +29,7 @@ from proxy.errors import ProxyError
 
 # The same loaders a reload uses, so check and reload agree on every message.
 from proxy.generation.reload import build_site, check_custody, checking, load_chain_secret
+from proxy.net.sockets import try_connect
 from proxy.pkcs11.token import SignatureObserver, Token, TokenKey
 from proxy.secrets.store import SecretRef, SecretStore, default_store, read_pin
 from proxy.tls.certificates import Chain, check_key_matches
@@ -246,10 +246,7 @@ def _check_key(run: _Run, config: ProxyConfig, token: Token | None) -> TokenKey 
 def _check_upstream(run: _Run, config: ProxyConfig) -> None:
     upstream = config.upstream
     try:
-        with socket.create_connection(
-            (upstream.host, upstream.port), timeout=upstream.connect_timeout
-        ):
-            pass
+        try_connect(upstream.host, upstream.port, upstream.connect_timeout)
     except TimeoutError:
         run.add(
             FAIL,

@@ -22,13 +22,12 @@ client: 502 when the backend cannot be reached or breaks the protocol, 504 when 
 slow. ``sent_nothing`` on a failure tells the server whether any byte of the request left
 (only then may it retry on a fresh connection without risking a duplicate).
 
-This module, server.py and sockets.py (the TCP streams both use) are the only ones that
-await on sockets.
+Sockets themselves are net/sockets.py's: this module connects and reads through its
+:class:`TCPStream`.
 """
 
 from __future__ import annotations
 
-import select
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ import trio
 
 from proxy.config import HTTPConfig, UpstreamConfig, UpstreamGroup
 from proxy.errors import UpstreamError
-from proxy.net.sockets import TCPStream
+from proxy.net.sockets import TCPStream, connect_tcp
 from proxy.ops.logs import log
 
 # Large reads from backends: fewer h11 events and TLS batches per MiB (bench scenario 4);
@@ -83,7 +82,7 @@ class UpstreamConnection:
     ) -> UpstreamConnection:
         try:
             with trio.fail_after(connect_timeout):
-                stream = TCPStream.from_trio(await trio.open_tcp_stream(config.host, config.port))
+                stream = await connect_tcp(config.host, config.port)
         except trio.TooSlowError:
             raise UpstreamFailure(
                 f"connecting to upstream {config} timed out after {connect_timeout:g}s",
@@ -111,11 +110,7 @@ class UpstreamConnection:
 
     def looks_closed(self) -> bool:
         """An idle connection that is readable was closed by the backend (or misbehaves)."""
-        try:
-            readable, _, _ = select.select([self.stream.socket.fileno()], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
+        return self.stream.readable_now()
 
     async def send_data(self, data: bytes) -> None:
         if data:
@@ -136,12 +131,29 @@ class UpstreamConnection:
                 ) from exc
             self.bytes_sent += len(data)
 
+    def encode(self, event: h11.Event) -> bytes:
+        """The bytes that send ``event`` (no I/O: batch them with :meth:`send_data`)."""
+        return self.h11.send(event) or b""
+
     async def send(self, *events: h11.Event) -> None:
-        if len(events) == 1:
-            data = self.h11.send(events[0]) or b""
-        else:
-            data = b"".join(self.h11.send(event) or b"" for event in events)
-        await self.send_data(data)
+        await self.send_data(b"".join(self.encode(event) for event in events))
+
+    @property
+    def may_answer_early(self) -> bool:
+        """The upstream could have answered before it took the whole request (a 413 or 401
+        from the head alone)."""
+        return self.h11.their_state is h11.SEND_RESPONSE and self.h11.our_state is not h11.DONE
+
+    async def receive_more(self) -> None:
+        """Read more of the response, within the read timeout."""
+        self.h11.receive_data(await self.receive())
+
+    def take_over(self) -> tuple[TCPStream, bytes]:
+        """After a 101 answer: the raw stream, and the bytes already read beyond the head.
+        The HTTP side of this connection is over; the timeouts are lifted (a tunnel may stay
+        quiet, or wait for the upstream to read, as long as both sides like)."""
+        self.stream.receive_timeout = self.stream.send_timeout = None
+        return self.stream, self.h11.trailing_data[0]
 
     def next_event_nowait(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         """The next event h11 can produce from bytes already received (no I/O)."""

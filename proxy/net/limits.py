@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class _Slot(AbstractContextManager[None]):
+class HandshakeSlot(AbstractContextManager[None]):
     limiter: HandshakeLimiter
     address: str
     released: bool = False
@@ -50,7 +50,7 @@ class HandshakeLimiter:
     _last_report: float = float("-inf")
     _refused_since_report: int = 0
 
-    def admit(self, address: str) -> _Slot | None:
+    def admit(self, address: str) -> HandshakeSlot | None:
         """A slot for one handshake from ``address``, or None when a limit is reached."""
         if self.in_progress >= self.max_total or self._per_client[address] >= self.max_per_client:
             self.refused_total += 1
@@ -58,7 +58,7 @@ class HandshakeLimiter:
             return None
         self.in_progress += 1
         self._per_client[address] += 1
-        return _Slot(self, address)
+        return HandshakeSlot(self, address)
 
     def _release(self, address: str) -> None:
         self.in_progress -= 1

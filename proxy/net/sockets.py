@@ -20,12 +20,14 @@ cancellable (timeouts, the shutdown grace period).
 Errors are trio's: ``trio.ClosedResourceError`` after :meth:`TCPStream.aclose`,
 ``trio.BrokenResourceError`` (from the ``OSError``) for a reset or broken connection.
 
-This module, server.py and upstream.py are the only ones that await on sockets.
+The net package is the only one that awaits on sockets: everything above it (the
+protocol handlers, the upstream pool) works on these streams.
 """
 
 from __future__ import annotations
 
 import errno
+import select
 import socket
 from contextlib import suppress
 
@@ -137,6 +139,15 @@ class TCPStream(trio.abc.HalfCloseableStream):
             if exc.errno != errno.ENOTCONN:  # the peer is already gone: nothing to end
                 raise self._broken(exc) from exc
 
+    def readable_now(self) -> bool:
+        """Whether a receive would not block: on an idle keep-alive connection, the peer
+        closed it (or is talking out of turn). A closed stream counts as readable."""
+        try:
+            readable, _, _ = select.select([self.socket.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def close(self) -> None:
         """Close at once (synchronously): for pools and error paths."""
         if self._closed:
@@ -153,3 +164,16 @@ class TCPStream(trio.abc.HalfCloseableStream):
 
     def _broken(self, exc: OSError) -> trio.BrokenResourceError:
         return trio.BrokenResourceError(f"connection broken: {exc.strerror or exc}")
+
+
+async def connect_tcp(host: str, port: int) -> TCPStream:
+    """A TCP connection to ``host``:``port`` (each address in turn, happy eyeballs as trio
+    does it); the caller bounds it with a timeout. Raises ``OSError``."""
+    return TCPStream.from_trio(await trio.open_tcp_stream(host, port))
+
+
+def try_connect(host: str, port: int, timeout: float) -> None:
+    """Open and close one TCP connection, blocking (``hsm-proxy check``, outside trio).
+    Raises ``TimeoutError`` or ``OSError``."""
+    with socket.create_connection((host, port), timeout=timeout):
+        pass

@@ -70,6 +70,7 @@ HTTP framing (h11) detects truncated messages on its own.
 
 from __future__ import annotations
 
+import enum
 import functools
 import threading
 import warnings
@@ -171,8 +172,17 @@ async def _acquire(lock: trio.Lock) -> None:
         await lock.acquire()
 
 
-def _choose_alpn(_connection: SSL.Connection, offered: list[bytes]) -> Any:
-    return ALPN_HTTP11 if ALPN_HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+def _alpn_chooser(protocols: tuple[bytes, ...]) -> Callable[[SSL.Connection, list[bytes]], Any]:
+    """ALPN in the server's order of preference: the first of ``protocols`` the client
+    offers. A client that offers none of them goes on without ALPN (RFC 7301 allows it)."""
+
+    def choose(_connection: SSL.Connection, offered: list[bytes]) -> Any:
+        for protocol in protocols:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return choose
 
 
 def _server_name_seen(connection: SSL.Connection) -> None:
@@ -378,11 +388,14 @@ def build_server_context(
     policy: TLSPolicy = "intermediate",
     client_auth: ClientAuthPolicy | None = None,
     ocsp_response: bytes | None = None,
+    alpn: tuple[bytes, ...] = (ALPN_HTTP11,),
 ) -> SSL.Context:
-    """A server context that serves ``chain`` with the token key behind ``key``."""
+    """A server context that serves ``chain`` with the token key behind ``key`` and offers
+    the ``alpn`` protocols (the handler behind this context speaks them)."""
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     apply_policy(context, policy)
-    context.set_alpn_select_callback(_choose_alpn)
+    if alpn:
+        context.set_alpn_select_callback(_alpn_chooser(alpn))
     context.set_tlsext_servername_callback(_server_name_seen)
     context.set_session_id(b"hsm-proxy")
     # Free OpenSSL's ~34 KiB of record buffers while a connection is idle (as nginx does):
@@ -419,9 +432,32 @@ class TLSInfo:
     # Whether the context asked for a client certificate, and the admitted client's identity.
     client_auth: bool = False
     client_identity: ClientIdentity | None = None
+    # The context that served the handshake (the default one, or a server name's): what
+    # the connection pipeline maps back to a site and its protocol handler.
+    context: SSL.Context | None = field(default=None, compare=False, repr=False)
 
 
-class TLSStream(trio.abc.Stream):
+class CloseMode(enum.Enum):
+    """How a connection ends; a protocol handler returns one and :meth:`TLSStream.close`
+    carries it out."""
+
+    # close_notify, then close the socket: the usual end of a connection.
+    CLOSE_NOTIFY = "close_notify"
+    # close_notify, a TCP half-close, then a short drain of what the client still sends and
+    # only then the close, so that a client that is still sending reads our last answer (an
+    # error response, an alert) instead of a reset.
+    LINGER = "linger"
+    # No close_notify: a response broke off, and even a response framed by the connection's
+    # end must read as truncated, never as complete.
+    ABORT = "abort"
+
+
+LINGER_SECONDS = 2.0
+# How long closing may take in all: close_notify out, and the linger.
+CLOSE_SECONDS = LINGER_SECONDS + 2.0
+
+
+class TLSStream(trio.abc.HalfCloseableStream):
     """A server-side TLS stream over any trio stream, driven through memory BIOs."""
 
     def __init__(
@@ -449,6 +485,7 @@ class TLSStream(trio.abc.Stream):
         self._receive_lock = trio.Lock()
         self._incoming_count = 0
         self._handshake_done = False
+        self._eof_sent = False
         self._signed = False  # the token has signed for this handshake
         self.info: TLSInfo | None = None
         # Why the client certificate was refused (set by the verify callback).
@@ -570,6 +607,7 @@ class TLSStream(trio.abc.Stream):
             group=self._negotiated_group(),
             client_auth=policy is not None,
             client_identity=identity,
+            context=self._connection.get_context(),
         )
         return self.info
 
@@ -680,17 +718,43 @@ class TLSStream(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
+    async def send_eof(self) -> None:
+        """Send close_notify and keep receiving: the write side is closed (a TLS 1.3 peer
+        may go on sending, RFC 8446 section 6.1; a TLS 1.2 peer answers with its own)."""
+        if not self._handshake_done:
+            await self.do_handshake()
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        with suppress(SSL.Error):
+            self._connection.shutdown()
+        await self._flush()
+
     async def aclose(self) -> None:
-        """Send close_notify when possible, then close the transport."""
-        try:
-            if self._handshake_done:
-                with suppress(SSL.Error):
-                    self._connection.shutdown()
-                with trio.move_on_after(1):
-                    await self._flush()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
+        await self.close(CloseMode.CLOSE_NOTIFY)
+
+    async def close(self, mode: CloseMode) -> None:
+        """End the connection as ``mode`` says, within :data:`CLOSE_SECONDS`; never raises
+        for a peer that is gone. The one place a connection is closed."""
+        with trio.move_on_after(CLOSE_SECONDS) as scope:
+            scope.shield = True
+            try:
+                if mode is not CloseMode.ABORT and self._handshake_done and not self._eof_sent:
+                    self._eof_sent = True
+                    with suppress(SSL.Error):
+                        self._connection.shutdown()
+                    with trio.move_on_after(1):
+                        await self._flush()
+                if mode is CloseMode.LINGER and isinstance(
+                    self.transport, trio.abc.HalfCloseableStream
+                ):
+                    with trio.move_on_after(LINGER_SECONDS):
+                        await self.transport.send_eof()
+                        while await self.transport.receive_some(_RECEIVE_SIZE):
+                            pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await self.transport.aclose()
 
 

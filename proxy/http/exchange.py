@@ -1,0 +1,508 @@
+"""The HTTP/1.1 protocol handler: requests from one client connection, forwarded one at a time.
+
+Theory of operation. :class:`HTTP1Handler` is the handler the connection pipeline
+(net/pipeline.py) picks for HTTP/1.1. For each connection it reads requests with an
+``h11.Connection(SERVER)``, one at a time and in order (pipelined requests wait in h11's
+buffer until the previous response is complete), and returns how the connection must close.
+
+For each request the rules in rules.py check it (limits, ambiguous framing), choose the
+upstream group, and rewrite the head; an :class:`UpstreamPool` per group lends a
+keep-alive connection for the one exchange. The request body is streamed up and the
+response streamed back with backpressure: one buffer of at most 64 KiB per direction is
+in flight, so memory does not grow with the body. Everything h11 can produce from bytes
+already received goes out in one send, so a response head leaves with its first body
+bytes (one TLS record for a small response). A 101 answer to an Upgrade request turns the
+connection into a byte tunnel both ways until either side closes. The upstream's h11 state
+is touched only through :class:`UpstreamConnection`.
+
+Timeouts: the first request head must arrive within ``http.header_timeout`` of the
+handshake, later ones within it of their first byte (408); a kept-alive connection idles
+at most ``http.idle_timeout`` (closed silently); a request body that stalls for
+``http.body_timeout`` gets 408; the upstream's connect and read timeouts are upstream.py's.
+
+Failure handling: a malformed or ambiguous request gets its status (400, 408, 413, 414,
+431, 501) and the connection closes with :attr:`CloseMode.LINGER`, so that the client reads
+the answer instead of a reset; an unreachable upstream gets 502, a slow one 504; an
+upstream that breaks after the response head was sent ends the connection with
+:attr:`CloseMode.ABORT` (no close_notify), so the client can tell the response is
+truncated even when it is framed by the connection's end. Every request gets one access
+line, a client that leaves mid-exchange too (its response's status, or 499 before one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from proxy.config import HTTPConfig, ProxyConfig, Route, UpstreamGroup
+from proxy.http.rules import (
+    IDEMPOTENT_METHODS,
+    ClientInfo,
+    ReceivedHead,
+    check_request,
+    check_request_head,
+    choose_upstream,
+    client_response,
+    error_response,
+    error_status_for,
+    switching_response,
+    upstream_request,
+)
+from proxy.http.upstream import UpstreamConnection, UpstreamFailure, UpstreamPool
+from proxy.net.pipeline import Client, ClientGone, ServerState
+from proxy.ops.admin import Metrics
+from proxy.ops.hardening import redact_headers
+from proxy.ops.logs import access_log, connection_context, log
+from proxy.tls.core import LINGER_SECONDS, CloseMode, TLSInfo, TLSStream
+
+_RECEIVE_SIZE = 65536
+
+
+class _Reject(Exception):
+    """The request is refused with ``status`` and the connection closed."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The upstream pools and routes one configuration uses."""
+
+    routes: tuple[Route, ...]
+    pools: dict[str, UpstreamPool]
+
+
+class HTTP1Handler:
+    """HTTP/1.1 to clients, forwarded to HTTP/1.1 upstreams through shared keep-alive pools."""
+
+    def __init__(self) -> None:
+        # Pools are shared by every configuration that names the same upstream group.
+        self._pools: dict[tuple[UpstreamGroup, HTTPConfig], UpstreamPool] = {}
+        self._routing: tuple[ProxyConfig, Routing] | None = None
+
+    def routing(self, config: ProxyConfig) -> Routing:
+        if self._routing is not None and self._routing[0] is config:
+            return self._routing[1]
+        pools = {}
+        for group in config.upstream_groups():
+            key = (group, config.http)
+            if key not in self._pools:
+                self._pools[key] = UpstreamPool(group, config.http)
+            pools[group.name] = self._pools[key]
+        routing = Routing(config.routes, pools)
+        self._routing = (config, routing)
+        return routing
+
+    def sweep(self) -> None:
+        for pool in list(self._pools.values()):
+            pool.sweep()
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+    async def serve(self, client: Client) -> CloseMode:
+        http = client.generation.config.http
+        exchange = _Exchange(client.stream, _client_info(client, http.forwarded), client.tls, http)
+        exchange.metrics = client.server.metrics
+        with suppress(ClientGone):
+            await _serve_http(exchange, self.routing(client.generation.config), client.server)
+        if exchange.abort:
+            return CloseMode.ABORT
+        return CloseMode.LINGER if exchange.linger else CloseMode.CLOSE_NOTIFY
+
+
+class _Exchange:
+    """One client connection's HTTP side: the h11 server state and the TLS stream."""
+
+    def __init__(
+        self, stream: TLSStream, client: ClientInfo, tls_info: TLSInfo, http: HTTPConfig
+    ) -> None:
+        self.stream = stream
+        self.client = client
+        self.tls_info = tls_info
+        self.http = http
+        self.h11 = h11.Connection(
+            h11.SERVER,
+            max_incomplete_event_size=http.max_header_bytes + http.max_request_line + 4,
+        )
+        self.bytes_sent = 0
+        self.metrics: Metrics | None = None  # the server's, set by the handler
+        self.linger = False
+        # A response broke off: close without close_notify, so that even a response framed
+        # by the connection's end reads as truncated, never as complete.
+        self.abort = False
+        # What the access line needs when the client leaves in the middle of an exchange.
+        self.response_status: int | None = None
+        self.upstream_name = "-"
+
+    async def _receive(self) -> bytes:
+        try:
+            return await self.stream.receive_some(_RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ClientGone from exc
+
+    async def read_request(self, state: ServerState, first: bool) -> h11.Request | None:
+        """The next request head, or None when the client closed or stayed idle too long.
+        Raises :class:`_Reject` (limits, obs-fold, 408) or ``h11.RemoteProtocolError``."""
+        http = self.http
+        connection = self.h11
+        deadline = trio.current_time() + http.header_timeout if first else None
+        while True:
+            buffered, closed = connection.trailing_data
+            if buffered:
+                status = check_request_head(buffered, http)
+                if status is not None:
+                    raise _Reject(status)
+            if buffered or closed:  # else h11 can only say NEED_DATA: skip asking it
+                event = connection.next_event()
+                if event is not h11.NEED_DATA:
+                    return event if isinstance(event, h11.Request) else None
+            if buffered:
+                if deadline is None:
+                    deadline = trio.current_time() + http.header_timeout
+                with trio.move_on_at(deadline):
+                    connection.receive_data(await self._receive())
+                    continue
+                raise _Reject(408)
+            # Nothing of a request yet: the wait ends quietly on timeout or when draining.
+            if state.draining:
+                return None
+            idle_deadline = (
+                trio.current_time() + http.idle_timeout if deadline is None else deadline
+            )
+            with trio.CancelScope(deadline=idle_deadline) as idle:
+                state.idle_scopes.add(idle)
+                try:
+                    data = await self._receive()
+                finally:
+                    state.idle_scopes.discard(idle)
+            if idle.cancelled_caught:
+                return None  # idle too long, or the server is draining
+            connection.receive_data(data)
+
+    async def receive_body_data(self) -> None:
+        """More request body bytes into h11, within the body timeout (else 408)."""
+        with trio.move_on_after(self.http.body_timeout):
+            self.h11.receive_data(await self._receive())
+            return
+        raise _Reject(408)
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send to the client; one that stops reading for ``http.body_timeout`` is dropped
+        (the client's TCP stream has it as its send timeout)."""
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            raise ClientGone from exc
+        self.bytes_sent += len(data)
+
+    async def send(self, *events: h11.Event) -> None:
+        await self.send_raw(b"".join(self.h11.send(event) or b"" for event in events))
+
+    async def send_error(self, status: int) -> None:
+        self.linger = True
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self.abort = True  # a response is already under way: the connection just ends
+            return
+        response, body = error_response(status)
+        await self.send(response, h11.Data(data=body), h11.EndOfMessage())
+
+
+async def _send_request(
+    exchange: _Exchange,
+    upstream: UpstreamConnection,
+    outgoing: h11.Request,
+    replay: list[h11.Event],
+) -> None:
+    """The request head and the whole body, streamed from the client as it arrives; the
+    head goes out together with whatever body bytes are already here.
+
+    ``replay`` collects the body events taken from the client until the first send to
+    this upstream succeeds: a retry on a fresh connection sends them again, since the
+    client will not."""
+    client = exchange.h11
+    limit = exchange.http.max_body_bytes
+    pending = [upstream.encode(outgoing)]
+    received = 0
+    for replayed in replay:
+        if isinstance(replayed, h11.Data):
+            received += len(replayed.data)
+        pending.append(upstream.encode(replayed))
+    if replay and isinstance(replay[-1], h11.EndOfMessage):
+        await upstream.send_data(b"".join(pending))
+        return
+    while True:
+        event: h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED] = client.next_event()
+        if event is h11.NEED_DATA:
+            if pending:
+                await upstream.send_data(b"".join(pending))
+                pending = []
+            if client.they_are_waiting_for_100_continue:
+                await exchange.send(h11.InformationalResponse(status_code=100, headers=[]))
+            await exchange.receive_body_data()
+            continue
+        if isinstance(event, h11.Data):
+            received += len(event.data)
+            if limit and received > limit:
+                raise _Reject(413)
+        elif isinstance(event, h11.EndOfMessage):
+            event = h11.EndOfMessage()  # trailers are not forwarded
+        else:
+            raise ClientGone  # ConnectionClosed in the middle of a request body
+        if upstream.bytes_sent == 0:
+            replay.append(event)
+        pending.append(upstream.encode(event))
+        if isinstance(event, h11.EndOfMessage):
+            await upstream.send_data(b"".join(pending))
+            return
+
+
+async def _tunnel(exchange: _Exchange, upstream: UpstreamConnection) -> None:
+    """Bytes both ways after a 101, until either side closes."""
+    client_rest = exchange.h11.trailing_data[0]
+    stream, upstream_rest = upstream.take_over()
+
+    async def up(done: trio.CancelScope) -> None:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            if client_rest:
+                await stream.send_all(client_rest)
+            while data := await exchange.stream.receive_some(_RECEIVE_SIZE):
+                await stream.send_all(data)
+        done.cancel()
+
+    async def down(done: trio.CancelScope) -> None:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError, ClientGone):
+            if upstream_rest:
+                await exchange.send_raw(upstream_rest)
+            while data := await stream.receive_some(_RECEIVE_SIZE):
+                await exchange.send_raw(data)
+        done.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(up, nursery.cancel_scope)
+        nursery.start_soon(down, nursery.cancel_scope)
+
+
+async def _early_response(upstream: UpstreamConnection) -> h11.Event | None:
+    """A response the upstream sent before it stopped taking the request, if any."""
+    if not upstream.may_answer_early:
+        return None
+    try:
+        with trio.move_on_after(LINGER_SECONDS):
+            event = await upstream.next_event()
+            return event if isinstance(event, h11.Response) else None
+    except UpstreamFailure:
+        return None
+    return None
+
+
+async def _forward(
+    exchange: _Exchange, request: h11.Request, routing: Routing, draining: Callable[[], bool]
+) -> tuple[int, str]:
+    """Forward one request and stream its response; return the status and the upstream.
+
+    Raises :class:`_Reject` for a request refused before a response started, and
+    ``h11.RemoteProtocolError`` when the request body breaks framing."""
+    head = ReceivedHead(request.headers)
+    status = check_request(request, exchange.http, head)
+    if status is not None:
+        raise _Reject(status)
+    server_name = exchange.client.server_name
+    pool = routing.pools[choose_upstream(routing.routes, request, server_name, head)]
+    outgoing = upstream_request(request, exchange.client, pool.group.servers[0].authority, head)
+    upgrade = head.upgrade
+    has_body = head.has_body
+    # Resending is safe when nothing reached the upstream, or when a bodiless idempotent
+    # request on a reused connection got no byte of answer (the backend closed it idle).
+    may_resend = request.method in IDEMPOTENT_METHODS and not has_body and not upgrade
+    upstream: UpstreamConnection | None = None
+    where = exchange.upstream_name = pool.group.name
+    try:
+        upstream, reused = await pool.acquire()
+        where = str(upstream.config)
+        replay: list[h11.Event] = []
+        while True:
+            try:
+                await _send_request(exchange, upstream, outgoing, replay)
+                event = await upstream.next_event()
+                break
+            except UpstreamFailure as failure:
+                fresh_is_safe = (failure.sent_nothing and not upstream.bytes_sent) or (
+                    may_resend and upstream.bytes_received == 0
+                )
+                if not (reused and fresh_is_safe):
+                    early = await _early_response(upstream)
+                    if early is None:
+                        raise
+                    # The upstream answered (413, 401 ...) and closed before taking the whole
+                    # body: relay its answer; the client connection closes after it.
+                    event = early
+                    exchange.linger = True
+                    break
+                await upstream.aclose()
+                upstream = None
+                upstream = await pool.connect()
+                reused = False
+                where = str(upstream.config)
+        while isinstance(event, h11.InformationalResponse):
+            if event.status_code == 101 and upgrade:
+                await exchange.send(switching_response(event))
+                await _tunnel(exchange, upstream)
+                return 101, where
+            event = await upstream.next_event()  # other 1xx: the proxy sent its own 100
+        if not isinstance(event, h11.Response):
+            raise UpstreamFailure(
+                f"upstream {where} sent {type(event).__name__} first", 502, kind="protocol"
+            )
+        status = exchange.response_status = event.status_code
+        exchange.upstream_name = where
+        pending = [exchange.h11.send(client_response(event, closing=draining())) or b""]
+        while True:
+            piece = upstream.next_event_nowait()
+            if piece is h11.NEED_DATA:
+                if pending:
+                    await exchange.send_raw(b"".join(pending))
+                    pending = []
+                await upstream.receive_more()
+            elif isinstance(piece, h11.Data):
+                pending.append(exchange.h11.send(piece) or b"")
+            elif isinstance(piece, h11.EndOfMessage):
+                pending.append(exchange.h11.send(h11.EndOfMessage()) or b"")
+                await exchange.send_raw(b"".join(pending))
+                break
+            else:
+                raise UpstreamFailure(
+                    f"upstream {where} ended the response early", 502, kind="protocol"
+                )
+    except (UpstreamFailure, h11.LocalProtocolError) as caught:
+        broken = (
+            caught
+            if isinstance(caught, UpstreamFailure)
+            else UpstreamFailure(
+                f"upstream {where} sent what cannot be relayed: {caught}", 502, kind="protocol"
+            )
+        )
+        log.warning(str(broken), extra={"fields": {"event": "upstream_error", "kind": broken.kind}})
+        if exchange.metrics is not None:
+            exchange.metrics.upstream_failed(broken.kind)
+        if upstream is not None:
+            await upstream.aclose()
+        await exchange.send_error(broken.status)
+        return broken.status, where
+    except BaseException:
+        if upstream is not None:
+            with trio.CancelScope(shield=True):
+                await upstream.aclose()
+        raise
+    await pool.release(upstream)
+    return status, where
+
+
+def _access(
+    exchange: _Exchange,
+    request: h11.Request | None,
+    status: int,
+    sent_before: int,
+    started: float,
+    where: str,
+) -> None:
+    if exchange.metrics is not None:
+        exchange.metrics.request_answered(status)
+    access_log.info(
+        "request",
+        extra={
+            "fields": {
+                "connection_id": (connection_context.get() or {}).get("connection_id"),
+                "client": exchange.client.address,
+                "sni": exchange.client.server_name,
+                "tls_version": exchange.tls_info.version,
+                "method": request.method.decode("ascii", "replace") if request else "-",
+                "path": request.target.decode("ascii", "replace") if request else "-",
+                "status": status,
+                "bytes_sent": exchange.bytes_sent - sent_before,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "upstream": where,
+                **_client_cert_field(exchange.tls_info),
+            }
+        },
+    )
+
+
+async def _serve_http(exchange: _Exchange, routing: Routing, state: ServerState) -> None:
+    draining: Callable[[], bool] = lambda: state.draining  # noqa: E731
+    first = True
+    while True:
+        started = time.perf_counter()
+        try:
+            request = await exchange.read_request(state, first)
+        except (_Reject, h11.RemoteProtocolError) as refused:
+            # Refused before a request was parsed: still one access line, without a path.
+            status = refused.status if isinstance(refused, _Reject) else error_status_for(refused)
+            sent_before = exchange.bytes_sent
+            await exchange.send_error(status)
+            _access(exchange, None, status, sent_before, started, "-")
+            return
+        if request is None:
+            return
+        first = False
+        if log.isEnabledFor(logging.DEBUG):
+            headers = redact_headers(request.headers.raw_items())
+            log.debug("request headers", extra={"fields": {"headers": headers}})
+        started = time.perf_counter()
+        sent_before = exchange.bytes_sent
+        where = "-"
+        exchange.response_status, exchange.upstream_name = None, "-"
+        try:
+            status, where = await _forward(exchange, request, routing, draining)
+        except ClientGone:
+            # Still one access line: the response's status if it had begun, else 499
+            # (nginx's "client closed request").
+            status = exchange.response_status or 499
+            _access(exchange, request, status, sent_before, started, exchange.upstream_name)
+            raise
+        except _Reject as reject:
+            status = reject.status
+            await exchange.send_error(status)
+        except h11.RemoteProtocolError as exc:
+            # The request body broke framing (bad chunk size, ...): never forwarded whole.
+            status = error_status_for(exc)
+            await exchange.send_error(status)
+        _access(exchange, request, status, sent_before, started, where)
+        if exchange.linger or status == 101 or state.draining:
+            return
+        if exchange.h11.our_state is h11.MUST_CLOSE or exchange.h11.their_state in (
+            h11.MUST_CLOSE,
+            h11.CLOSED,
+        ):
+            return
+        try:
+            exchange.h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            return
+
+
+def _client_cert_field(info: TLSInfo) -> dict[str, str | None]:
+    """Who the client certificate says the client is, for the access log (mutual TLS)."""
+    if not info.client_auth:
+        return {}
+    return {"client_cert": info.client_identity.subject if info.client_identity else None}
+
+
+def _client_info(client: Client, forwarded: bool) -> ClientInfo:
+    """What the forwarding rules learn of the client, verified identity included."""
+    return ClientInfo(
+        client.address,
+        client.tls.server_name,
+        identity=client.tls.client_identity,
+        client_auth=client.tls.client_auth,
+        forwarded=forwarded,
+    )
