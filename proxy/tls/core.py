@@ -172,14 +172,27 @@ async def _acquire(lock: trio.Lock) -> None:
         await lock.acquire()
 
 
-def _alpn_chooser(protocols: tuple[bytes, ...]) -> Callable[[SSL.Connection, list[bytes]], Any]:
+def _alpn_chooser(
+    protocols: tuple[bytes, ...], required: bool
+) -> Callable[[SSL.Connection, list[bytes]], Any]:
     """ALPN in the server's order of preference: the first of ``protocols`` the client
-    offers. A client that offers none of them goes on without ALPN (RFC 7301 allows it)."""
+    offers. A client that offers none of them goes on without ALPN (RFC 7301 allows it),
+    or, when ALPN is ``required``, fails the handshake with a no_application_protocol
+    alert. (A client that sends no ALPN extension at all is never asked.)"""
 
     def choose(_connection: SSL.Connection, offered: list[bytes]) -> Any:
         for protocol in protocols:
             if protocol in offered:
                 return protocol
+        if required:
+            # pyOpenSSL turns an exception here into a fatal alert and raises it again
+            # from do_handshake; an SSL.Error carries the reason to the log line.
+            wanted = ", ".join(protocol.decode("ascii", "replace") for protocol in protocols)
+            theirs = ", ".join(protocol.decode("ascii", "replace") for protocol in offered)
+            reason = (
+                f"no application protocol in common (client offered {theirs}; we speak {wanted})"
+            )
+            raise SSL.Error([("", "", reason)])
         return SSL.NO_OVERLAPPING_PROTOCOLS
 
     return choose
@@ -389,13 +402,15 @@ def build_server_context(
     client_auth: ClientAuthPolicy | None = None,
     ocsp_response: bytes | None = None,
     alpn: tuple[bytes, ...] = (ALPN_HTTP11,),
+    alpn_required: bool = False,
 ) -> SSL.Context:
     """A server context that serves ``chain`` with the token key behind ``key`` and offers
-    the ``alpn`` protocols (the handler behind this context speaks them)."""
+    the ``alpn`` protocols (the handler behind this context speaks them); with
+    ``alpn_required`` a client that offers ALPN but none of them is refused."""
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     apply_policy(context, policy)
     if alpn:
-        context.set_alpn_select_callback(_alpn_chooser(alpn))
+        context.set_alpn_select_callback(_alpn_chooser(alpn, alpn_required))
     context.set_tlsext_servername_callback(_server_name_seen)
     context.set_session_id(b"hsm-proxy")
     # Free OpenSSL's ~34 KiB of record buffers while a connection is idle (as nginx does):
