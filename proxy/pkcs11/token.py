@@ -25,7 +25,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,20 +103,40 @@ _DEVICE_FAILURES = (
 )
 
 
+def _not_initialized(exc: BaseException) -> bool:
+    """CKR_CRYPTOKI_NOT_INITIALIZED: python-pkcs11 raises it as a bare PKCS11Error."""
+    return type(exc) is p11err.PKCS11Error and "not initialized" in str(exc)
+
+
 def _classify(exc: p11err.PKCS11Error) -> _Failure:
     if isinstance(exc, _SESSION_FAILURES):
         return _Failure.SESSION
     if isinstance(exc, _DEVICE_FAILURES):
         return _Failure.DEVICE
-    if type(exc) is p11err.PKCS11Error and "not initialized" in str(exc):
-        return _Failure.DEVICE  # CKR_CRYPTOKI_NOT_INITIALIZED: the module lost its state
+    if _not_initialized(exc):
+        return _Failure.DEVICE  # the module lost its state
     return _Failure.OPERATION
 
 
 def _reason(exc: BaseException) -> str:
-    if type(exc) is p11err.PKCS11Error and "not initialized" in str(exc):
+    """What failed, in a few words: a TokenError's message, else the PKCS#11 error's name."""
+    if isinstance(exc, TokenError):
+        return str(exc.args[0])
+    if _not_initialized(exc):
         return "CryptokiNotInitialized"
     return type(exc).__name__
+
+
+def _close_sessions(sessions: list[_PooledSession]) -> None:
+    """Close sessions, newest first; one that is gone already is no error."""
+    for pooled in reversed(sessions):
+        with suppress(p11err.PKCS11Error):
+            pooled.session.close()
+
+
+def _key_names(keys: Iterable[Any]) -> list[str]:
+    """``label=... id=...`` of private key objects, as error messages list them."""
+    return [f"label={key.label!r} id={bytes(key[Attribute.ID]).hex() or '(empty)'}" for key in keys]
 
 
 # What the recovery test signature signs: a SHA-256 digest, as in a TLS handshake.
@@ -182,7 +202,6 @@ class Token:
         self._borrowed: set[int] = set()  # id() of sessions threads hold now
         self._retired: list[_PooledSession] = []
         self._epoch = 0
-        self._closed = False
         self._down_reason: str | None = None
         self._recovering = False
         self._stop = threading.Event()
@@ -212,9 +231,7 @@ class Token:
             while len(opened) < self._size:
                 opened.append(_PooledSession(self._token.open(), epoch=self._epoch))
         except BaseException:
-            for pooled in reversed(opened):
-                with suppress(p11err.PKCS11Error):
-                    pooled.session.close()
+            _close_sessions(opened)
             raise
         return opened
 
@@ -299,9 +316,7 @@ class Token:
                 raise TokenError(f"re-initialising the module failed: {exc}") from None
             self._token = select_token(self.module_path, self._selection)
         else:
-            for pooled in reversed(retired):
-                with suppress(p11err.PKCS11Error):
-                    pooled.session.close()
+            _close_sessions(retired)
         probe: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
         if self._keys:
             probe[Attribute.LABEL] = self._keys[0].info.label
@@ -314,9 +329,7 @@ class Token:
                 self._idle = fresh
                 self._condition.notify_all()
         if closed:
-            for pooled in reversed(fresh):
-                with suppress(p11err.PKCS11Error):
-                    pooled.session.close()
+            _close_sessions(fresh)
 
     def _probe(self) -> None:
         """One test signature with each key in use: proof that the token really signs.
@@ -391,7 +404,7 @@ class Token:
                 )
                 return
             except (p11err.PKCS11Error, TokenError) as exc:
-                reason = str(exc.args[0]) if isinstance(exc, TokenError) else _reason(exc)
+                reason = _reason(exc)
                 with self._condition:
                     if self._down_reason is not None:
                         self._down_reason = reason
@@ -434,8 +447,7 @@ class Token:
                 )
                 return False
             except (p11err.PKCS11Error, TokenError) as exc:
-                reason = exc.args[0] if isinstance(exc, TokenError) else _reason(exc)
-                self._mark_down(str(reason))
+                self._mark_down(_reason(exc))
                 return False
             _log.info(
                 f"token {self.label!r}: sessions reopened and logged in again",
@@ -461,19 +473,15 @@ class Token:
                     f"searching token {self.label!r} for {uri} failed: {type(exc).__name__}"
                 ) from None
             if not matches:
-                present = [
-                    f"label={key.label!r} id={bytes(key[Attribute.ID]).hex() or '(empty)'}"
-                    for key in session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})
-                ]
+                present = _key_names(
+                    session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+                )
                 raise KeyNotFoundError(
                     f"no private key in token {self.label!r} matches {uri}; private keys "
                     f"present: {'; '.join(present) or 'none'}"
                 )
             if len(matches) > 1:
-                listed = "; ".join(
-                    f"label={key.label!r} id={bytes(key[Attribute.ID]).hex() or '(empty)'}"
-                    for key in matches
-                )
+                listed = "; ".join(_key_names(matches))
                 raise AmbiguousKeyError(
                     f"{len(matches)} private keys in token {self.label!r} match {uri}: "
                     f"{listed}; add id= (or a unique object=) to the key URI"
@@ -563,9 +571,7 @@ class Token:
             sessions = self._idle + self._retired
             self._idle, self._retired = [], []
             self._condition.notify_all()
-        for pooled in reversed(sessions):
-            with suppress(p11err.PKCS11Error):
-                pooled.session.close()
+        _close_sessions(sessions)
         release_login(self._login_key)
 
     def __enter__(self) -> Token:
