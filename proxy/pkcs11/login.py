@@ -64,6 +64,14 @@ def login_failure(exc: p11err.PKCS11Error, token_label: str) -> LoginError:
     return LoginError(f"login to token {token_label!r} failed: {type(exc).__name__}")
 
 
+def _log_in(token: Any, pin: str) -> Any:
+    """A session that logged the process in with ``pin``; a refusal says why."""
+    try:
+        return token.open(user_pin=pin)
+    except p11err.PKCS11Error as exc:
+        raise login_failure(exc, token.label) from None
+
+
 @dataclass
 class _Login:
     session: Any
@@ -89,11 +97,7 @@ def acquire_login(token: Any, module_path: str, selection: KeyURI, pin: str) -> 
         if login is not None:
             login.users += 1
             return key
-        try:
-            session = token.open(user_pin=pin)
-        except p11err.PKCS11Error as exc:
-            raise login_failure(exc, token.label) from None
-        _logins[key] = _Login(session, 1)
+        _logins[key] = _Login(_log_in(token, pin), 1)
         return key
 
 
@@ -176,12 +180,7 @@ def probe_login(module_path: str, selection: KeyURI, pin: str) -> None:
 def _probe_login_main(module_path: str, uri_text: str) -> int:
     pin = sys.stdin.buffer.read().decode("utf-8")
     try:
-        token = select_token(module_path, parse_key_uri(uri_text))
-        try:
-            session = token.open(user_pin=pin)
-        except p11err.PKCS11Error as exc:
-            raise login_failure(exc, token.label) from None
-        session.close()
+        _log_in(select_token(module_path, parse_key_uri(uri_text)), pin).close()
     except ProxyError as exc:
         print(str(exc))
         return 1
