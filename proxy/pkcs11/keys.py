@@ -42,6 +42,9 @@ P11_MECHANISM = {
     Mechanism.RSA_PKCS_PSS: pkcs11.Mechanism.RSA_PKCS_PSS,
 }
 
+# DER prefix of a SHA-256 DigestInfo (RFC 8017): what CKM_RSA_PKCS signs for TLS.
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
 # Named curves the key bridge supports, by OID.
 EC_CURVES = {"1.2.840.10045.3.1.7": "P-256", "1.3.132.0.34": "P-384"}
 RSA_BITS = range(2048, 4097)

@@ -43,6 +43,7 @@ from proxy.errors import (
 from proxy.pkcs11.keys import (
     P11_MECHANISM,
     PSS_HASHES,
+    SHA256_DIGEST_INFO,
     KeyInfo,
     Mechanism,
     PSSParams,
@@ -141,7 +142,6 @@ def _key_names(keys: Iterable[Any]) -> list[str]:
 
 # What the recovery test signature signs: a SHA-256 digest, as in a TLS handshake.
 _PROBE_DIGEST = hashlib.sha256(b"hsm-proxy recovery probe").digest()
-_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 
 
 class Token:
@@ -343,7 +343,7 @@ class Token:
                 if key.info.key_type == "EC":
                     mechanism, data = Mechanism.ECDSA, _PROBE_DIGEST
                 else:
-                    mechanism, data = Mechanism.RSA_PKCS, _SHA256_DIGEST_INFO + _PROBE_DIGEST
+                    mechanism, data = Mechanism.RSA_PKCS, SHA256_DIGEST_INFO + _PROBE_DIGEST
                 started = time.perf_counter()
                 try:
                     self._key_handle(pooled, key).sign(data, mechanism=P11_MECHANISM[mechanism])
