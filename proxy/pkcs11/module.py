@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from contextlib import suppress
+from collections.abc import Iterator
 from typing import Any
 
 import pkcs11._pkcs11 as _pkcs11_native
@@ -174,16 +174,29 @@ def unload_module(path: str) -> None:
         finalize(path)
 
 
+def _initialized_tokens(module: Any, slot_id: int | None = None) -> Iterator[Any]:
+    """The initialised tokens in the module's slots (in slot ``slot_id`` only, if given)."""
+    for slot in module.get_slots(token_present=True):
+        if slot_id is not None and slot.slot_id != slot_id:
+            continue
+        try:
+            token = slot.get_token()
+        except (p11err.TokenNotRecognised, p11err.TokenNotPresent):
+            continue
+        if token.flags & TokenFlag.TOKEN_INITIALIZED:
+            yield token
+
+
+def _serial(token: Any) -> str:
+    return str(token.serial.decode().strip())
+
+
 def list_tokens(module_path: str) -> list[tuple[int, str, str]]:
     """(slot id, token label, serial) of every initialised token the module shows."""
-    module = load_module(module_path)
-    found = []
-    for slot in module.get_slots(token_present=True):
-        with suppress(p11err.TokenNotRecognised, p11err.TokenNotPresent):
-            token = slot.get_token()
-            if token.flags & TokenFlag.TOKEN_INITIALIZED:
-                found.append((slot.slot_id, token.label, token.serial.decode().strip()))
-    return found
+    return [
+        (token.slot.slot_id, token.label, _serial(token))
+        for token in _initialized_tokens(load_module(module_path))
+    ]
 
 
 def select_token(module_path: str, uri: KeyURI) -> Any:
@@ -196,20 +209,11 @@ def select_token(module_path: str, uri: KeyURI) -> Any:
 
 
 def _select_token_unguarded(module_path: str, uri: KeyURI) -> Any:
-    module = load_module(module_path)
     matches = []
-    for slot in module.get_slots(token_present=True):
-        if uri.slot_id is not None and slot.slot_id != uri.slot_id:
-            continue
-        try:
-            token = slot.get_token()
-        except (p11err.TokenNotRecognised, p11err.TokenNotPresent):
-            continue
-        if not token.flags & TokenFlag.TOKEN_INITIALIZED:
-            continue
+    for token in _initialized_tokens(load_module(module_path), uri.slot_id):
         if uri.token is not None and token.label != uri.token:
             continue
-        if uri.serial is not None and token.serial.decode().strip() != uri.serial:
+        if uri.serial is not None and _serial(token) != uri.serial:
             continue
         if uri.manufacturer is not None and token.manufacturer_id != uri.manufacturer:
             continue
