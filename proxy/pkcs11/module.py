@@ -8,8 +8,8 @@ arguments, C_Finalize, the session counts of CK_TOKEN_INFO) go through ctypes an
 module's function list, on the handle python-pkcs11 opened, so they share its state.
 :func:`select_token` picks the one initialised token that a key URI's token attributes
 (slot, label, serial, manufacturer, model) name; its errors list the tokens present.
-:func:`unload_module` finalises a module so that dev mode's fault injector can initialise
-it afresh in the same process.
+:func:`unload_module` finalises a module so that another module that forwards to it (dev
+mode with faulthsm) can initialise it afresh in the same process.
 """
 
 from __future__ import annotations

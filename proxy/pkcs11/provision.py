@@ -1,7 +1,7 @@
 """Provisioning dev tokens: initialise a token, generate a key pair, change the user PIN.
 
 Theory of operation. Dev mode (commands/devstate.py), the tests and the benchmark make
-real SoftHSM2 tokens with these; the proxy itself never writes to a token. python-pkcs11
+real SoftHSM2 tokens with these; serving traffic never writes to a token. python-pkcs11
 has no C_InitToken, and softhsm2-util would need the PINs on its command line, so
 :func:`initialize_token` makes that one call through ctypes, on the already initialised
 module. A generated private key is sensitive, can only sign, and, unless asked otherwise,
