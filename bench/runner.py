@@ -61,7 +61,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.report import RESUMED_UNIT, Run, Unavailable, write_results
 from proxy.commands.devstate import find_softhsm_module, use_softhsm_config
-from proxy.pkcs11.token import Token, generate_key, initialize_token
+from proxy.pkcs11.provision import generate_key, initialize_token
+from proxy.pkcs11.token import Token
 from proxy.pkcs11.uri import KeyURI
 from proxy.tls.certificates import DevCA
 

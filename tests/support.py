@@ -22,7 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from proxy.commands.devstate import find_softhsm_module, use_softhsm_config
-from proxy.pkcs11.token import Token, generate_key, initialize_token
+from proxy.pkcs11.provision import generate_key, initialize_token
+from proxy.pkcs11.token import Token
 from proxy.pkcs11.uri import KeyURI
 from proxy.pytest_plugin import read_json_lines, stop_process
 from proxy.tls.certificates import DevCA

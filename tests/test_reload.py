@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from proxy.pkcs11.token import Token, change_pin, generate_key, initialize_token
+from proxy.pkcs11.provision import change_pin, generate_key, initialize_token
+from proxy.pkcs11.token import Token
 from proxy.pkcs11.uri import parse_key_uri
 from tests.support import (
     HSM,

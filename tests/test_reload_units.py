@@ -14,7 +14,7 @@ from OpenSSL import SSL
 from proxy.config import load_config
 from proxy.errors import ConfigError, LoginError, SecretError
 from proxy.generation.reload import GenerationHolder, build_generation, expiry_warnings
-from proxy.pkcs11.token import Mechanism, SignatureEvent
+from proxy.pkcs11.keys import Mechanism, SignatureEvent
 from proxy.secrets.store import SecretRef, SecretStore
 from proxy.tls.core import SNIRouter, parse_ticket_key
 from tests.support import HSM, TOKEN_PIN, dev_ca, write_config

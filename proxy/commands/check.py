@@ -30,7 +30,8 @@ from proxy.errors import ProxyError
 # The same loaders a reload uses, so check and reload agree on every message.
 from proxy.generation.reload import build_site, check_custody, checking, load_chain_secret
 from proxy.net.sockets import try_connect
-from proxy.pkcs11.token import SignatureObserver, Token, TokenKey
+from proxy.pkcs11.keys import SignatureObserver
+from proxy.pkcs11.token import Token, TokenKey
 from proxy.secrets.store import SecretRef, SecretStore, default_store, read_pin
 from proxy.tls.certificates import Chain, check_key_matches
 from proxy.tls.core import TicketKey, build_server_context, parse_ticket_key

@@ -40,7 +40,7 @@ from proxy.config import (
 from proxy.errors import ConfigError, ProxyError, TokenError
 from proxy.ops.hardening import drop_privileges, install_excepthooks
 from proxy.ops.logs import audit_signature, connection_context, log, setup_logging
-from proxy.pkcs11.token import SignatureEvent
+from proxy.pkcs11.keys import SignatureEvent
 
 if TYPE_CHECKING:
     from proxy.commands.check import Row
@@ -363,7 +363,7 @@ def _dev(args: argparse.Namespace) -> int:
     state = prepare_dev_state(state_dir)
     module = state.module
     if args.module:
-        from proxy.pkcs11.token import unload_module
+        from proxy.pkcs11.module import unload_module
 
         # The other module forwards to SoftHSM2 in this process: let it initialise it anew.
         unload_module(state.module)

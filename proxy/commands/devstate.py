@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.errors import CertificateError, ConfigError, KeyMismatchError
-from proxy.pkcs11.token import Token, generate_key, initialize_token, list_tokens
+from proxy.pkcs11.module import list_tokens
+from proxy.pkcs11.provision import generate_key, initialize_token
+from proxy.pkcs11.token import Token
 from proxy.pkcs11.uri import KeyURI
 from proxy.secrets.store import PinSource, read_pin, write_secret_file
 from proxy.tls.certificates import DevCA, check_key_matches, load_chain

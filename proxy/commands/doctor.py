@@ -19,16 +19,15 @@ import time
 from collections import Counter
 
 from proxy.errors import ProxyError, TokenError
-from proxy.pkcs11.testsign import sign_test_digest, verifies
-from proxy.pkcs11.token import (
+from proxy.pkcs11.inventory import (
     PROXY_MECHANISMS,
     KeyListing,
     SlotReport,
-    Token,
-    TokenKey,
     describe_slots,
     list_private_keys,
 )
+from proxy.pkcs11.testsign import sign_test_digest, verifies
+from proxy.pkcs11.token import Token, TokenKey
 from proxy.pkcs11.uri import KeyURI
 from proxy.secrets.store import PinSource, read_pin
 

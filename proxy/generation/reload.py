@@ -45,7 +45,8 @@ from proxy.config import ProxyConfig, SiteConfig
 from proxy.errors import ConfigError, KeyCustodyError, LoginError, ProxyError, SecretError
 from proxy.net.workers import inherited_ticket_key
 from proxy.ops.logs import log
-from proxy.pkcs11.token import SignatureObserver, Token, TokenKey
+from proxy.pkcs11.keys import SignatureObserver
+from proxy.pkcs11.token import Token, TokenKey
 from proxy.secrets.store import SecretRef, SecretStore, default_store, read_pin
 from proxy.tls.certificates import Chain, check_key_matches, parse_chain, validate_chain
 from proxy.tls.clientauth import ClientAuthPolicy, load_ca_bundle

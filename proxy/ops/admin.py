@@ -43,8 +43,9 @@ from proxy import __version__
 from proxy.config import AdminConfig
 from proxy.errors import ProxyError
 from proxy.ops.logs import connection_context
+from proxy.pkcs11.keys import SignatureEvent
 from proxy.pkcs11.testsign import PublicKey, SignedDigest, sign_test_digest, verifies
-from proxy.pkcs11.token import SignatureEvent, Token, TokenKey
+from proxy.pkcs11.token import Token, TokenKey
 from proxy.tls.certificates import Chain, not_valid_before
 
 # Handshakes and token signatures are milliseconds on a local token, tens of ms on a

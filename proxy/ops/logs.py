@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from proxy.ops.hardening import ScrubbingFilter
-from proxy.pkcs11.token import SignatureEvent
+from proxy.pkcs11.keys import SignatureEvent
 
 log = logging.getLogger("hsm_proxy")
 access_log = logging.getLogger("hsm_proxy.access")

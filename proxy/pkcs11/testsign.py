@@ -18,10 +18,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-from proxy.pkcs11.token import Mechanism, TokenKey
-
-# DER prefix of a SHA-256 DigestInfo (RFC 8017): what CKM_RSA_PKCS signs for TLS.
-SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+from proxy.pkcs11.keys import SHA256_DIGEST_INFO, Mechanism
+from proxy.pkcs11.token import TokenKey
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.errors import CertificateError, KeyMismatchError, SigningError
-from proxy.pkcs11.token import Mechanism
+from proxy.pkcs11.keys import Mechanism
 from proxy.tls.keybridge import KeySigner
 
 # DigestInfo prefix for SHA-256 (RFC 8017, section 9.2, note 1): CKM_RSA_PKCS signs it as is.

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import cffi
 
 from proxy.errors import SystemOpenSSLError, TLSError
-from proxy.pkcs11.token import KeyInfo, Mechanism, PSSParams
+from proxy.pkcs11.keys import KeyInfo, Mechanism, PSSParams
 
 _ffi = cffi.FFI()
 _ffi.cdef(
