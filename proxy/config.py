@@ -3,8 +3,13 @@
 Theory of operation. :func:`load_config` reads TOML with ``tomllib`` and walks it with a
 strict reader: an unknown key, a missing key or a value of the wrong type is a
 :class:`ConfigError` that names the key (``tls.certificate: ...``). Relative paths are
-taken relative to the config file. The result holds references to secrets (a PIN file or
-variable name), never secret values; secrets.py resolves them when a generation is built.
+taken relative to the config file. The result holds references to secrets, never secret
+values: every secret-bearing key takes the one reference form ``scheme:locator``
+(``file:/run/secrets/pin``, ``env:HSM_PIN``, ``aws-sm:prod/pin``; a plain path where the
+key always took a path), parsed by :func:`proxy.secrets.reference.parse_reference`; the
+older per-source keys (``pin_file``, ``pin_env``, ``*_aws_secret`` ...) build the same
+references, and giving a secret twice is an error naming both keys. The secret store
+(proxy/secrets/) resolves references when a generation is built.
 
 Example (the README documents every key)::
 
@@ -13,7 +18,7 @@ Example (the README documents every key)::
 
     [token]
     module = "/usr/lib/softhsm/libsofthsm2.so"
-    pin_file = "/run/secrets/hsm-pin"        # or: pin_env = "HSM_PROXY_PIN"
+    pin = "file:/run/secrets/hsm-pin"        # or "env:HSM_PROXY_PIN", "aws-sm:prod/pin"
     sessions = 4
     queue_limit = 256                         # handshakes that may wait for a session
     key_custody = "warn"                      # or "refuse" an extractable/non-sensitive key
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +63,18 @@ from urllib.parse import urlsplit
 
 from proxy.errors import ConfigError
 from proxy.pkcs11.uri import KeyURI, parse_key_uri
-from proxy.secrets.store import AWSSettings, PinSource, SecretRef
+from proxy.secrets.aws import AWSSecretSource, AWSSettings
+from proxy.secrets.env import EnvSource
+from proxy.secrets.file import FileSource
+from proxy.secrets.reference import (
+    PRIVATE_SECRETS,
+    PinSource,
+    SecretRef,
+    known_schemes,
+    parse_reference,
+    source_of,
+)
+from proxy.secrets.source import SecretSource
 from proxy.tls.clientauth import MODES, ClientAuthPolicy, parse_spki_pin
 
 
@@ -109,10 +126,9 @@ class SiteConfig:
 
 @dataclass(frozen=True)
 class TLSConfig:
-    certificate: Path | None
+    certificate: SecretRef  # the default certificate chain
     key: KeyURI
     handshake_timeout: float = 10.0
-    certificate_aws_secret: str | None = None
     sni: tuple[SiteConfig, ...] = ()
     session_ticket_keys: tuple[SecretRef, ...] = ()
     policy: str = "intermediate"
@@ -120,9 +136,7 @@ class TLSConfig:
     ocsp_response: SecretRef | None = None
 
     def certificate_ref(self) -> SecretRef:
-        if self.certificate_aws_secret is not None:
-            return SecretRef(aws=self.certificate_aws_secret, what="certificate chain")
-        return SecretRef(file=self.certificate, what="certificate chain")
+        return self.certificate
 
 
 @dataclass(frozen=True)
@@ -316,19 +330,48 @@ def _string_list(table: _Table, key: str) -> list[str]:
     return list(values)
 
 
-def _optional_secret(
-    table: _Table, file_key: str, aws_key: str, base: Path, what: str
+# How a reference looks, for messages.
+_FORMS = f"SCHEME:LOCATION, with one of the schemes {known_schemes()}"
+
+
+def _secret(
+    table: _Table,
+    where: str,
+    key: str,
+    legacy: dict[str, Callable[[str, Path], SecretSource]],
+    base: Path,
+    what: str,
+    *,
+    plain_path: bool = True,
+    insecure: bool = False,
 ) -> SecretRef | None:
-    """A public secret (a CA bundle, an OCSP response) in a file or in AWS, or none."""
-    path = table.take(file_key, str, None)
-    secret_id = table.take(aws_key, str, None)
-    if path is not None and secret_id is not None:
-        raise ConfigError(f"{table._name(file_key)}: set {file_key} or {aws_key}, not both")
-    if path is not None:
-        return SecretRef(file=_path(path, base), what=what)
-    if secret_id is not None:
-        return SecretRef(aws=secret_id, what=what)
-    return None
+    """The secret that ``key`` (a reference, ``scheme:locator``) or one of the older keys of
+    ``legacy`` (each taking one source's locator: a path, a variable name, a secret id)
+    gives, or None when none is set; two of them is an error naming both."""
+    values = {name: table.take(name, str, None) for name in (key, *legacy)}
+    given = [name for name, value in values.items() if value is not None]
+    if len(given) > 1:
+        names = [key, *legacy]
+        raise ConfigError(
+            f"{where}: set exactly one of {', '.join(names[:-1])} or {names[-1]}: "
+            f"{given[0]} and {given[1]} both give the {what}"
+        )
+    if not given:
+        return None
+    name = given[0]
+    text = values[name]
+    allow_insecure = insecure and what in PRIVATE_SECRETS
+    if name == key:
+        return parse_reference(
+            text,
+            what=what,
+            base=base,
+            key=table._name(key),
+            plain_path=plain_path,
+            allow_insecure_permissions=allow_insecure,
+        )
+    source = source_of(legacy[name], text, base, f"{table._name(name)}:")
+    return SecretRef(source, what=what, allow_insecure_permissions=allow_insecure)
 
 
 def _parse_client_auth(table: _Table, base: Path) -> ClientAuthPolicy:
@@ -338,11 +381,19 @@ def _parse_client_auth(table: _Table, base: Path) -> ClientAuthPolicy:
             f"tls.client_auth.mode: {mode!r} is not one of {', '.join(MODES)} "
             "(leave out the [tls.client_auth] table to turn client certificates off)"
         )
-    ca = _optional_secret(table, "ca", "ca_aws_secret", base, "client CA bundle")
+    ca = _secret(
+        table,
+        "tls.client_auth",
+        "ca",
+        {"ca_aws_secret": AWSSecretSource.from_locator},
+        base,
+        "client CA bundle",
+    )
     if ca is None:
         raise ConfigError(
-            "tls.client_auth: set ca (a PEM file of the CAs that issue client certificates) "
-            "or ca_aws_secret (an AWS Secrets Manager secret id holding it)"
+            "tls.client_auth: set ca (a PEM file of the CAs that issue client certificates, "
+            f"or a reference to it: {_FORMS}) or ca_aws_secret (an AWS Secrets Manager "
+            "secret id holding it)"
         )
     allow_cn = _string_list(table, "allow_cn")
     allow_dns = _string_list(table, "allow_dns")
@@ -407,14 +458,26 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
 
     token_table = root.table("token")
     module = token_table.take("module", str)
-    pin_file = token_table.take("pin_file", str, None)
-    pin_env = token_table.take("pin_env", str, None)
-    pin_aws = token_table.take("pin_aws_secret", str, None)
-    if [pin_file, pin_env, pin_aws].count(None) != 2:
+    pin = _secret(
+        token_table,
+        "token",
+        "pin",
+        {
+            "pin_file": FileSource.from_locator,
+            "pin_env": EnvSource.from_locator,
+            "pin_aws_secret": AWSSecretSource.from_locator,
+        },
+        base,
+        "PIN",
+        plain_path=False,
+        insecure=security.allow_insecure_secret_files,
+    )
+    if pin is None:
         raise ConfigError(
-            "token: set exactly one of pin_file (a file holding the PIN), pin_env (the name "
-            "of an environment variable holding it) or pin_aws_secret (an AWS Secrets "
-            "Manager secret id); a PIN value never goes in the config"
+            f"token: set pin, where the PIN is ({_FORMS}), or one of the older keys "
+            "pin_file (a file holding the PIN), pin_env (the name of an environment "
+            "variable holding it) or pin_aws_secret (an AWS Secrets Manager secret id); a "
+            "PIN value never goes in the config"
         )
     sessions = token_table.take("sessions", int, 4)
     if not 1 <= sessions <= 256:
@@ -426,16 +489,9 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
     if key_custody not in ("warn", "refuse"):
         raise ConfigError(f'token.key_custody: must be "warn" or "refuse", got {key_custody!r}')
     token_table.finish()
-    insecure = security.allow_insecure_secret_files
-    if pin_file:
-        pin = PinSource(file=_path(pin_file, base), allow_insecure_permissions=insecure)
-    elif pin_env:
-        pin = PinSource(env=pin_env)
-    else:
-        pin = PinSource(aws=pin_aws)
 
     tls_table = root.table("tls")
-    certificate_text, certificate_aws = _certificate_keys(tls_table, "tls")
+    certificate = _certificate(tls_table, "tls", base)
     key = _key_uri(tls_table, "tls")
     timeout = _positive(
         tls_table.take("handshake_timeout", (int, float), 10.0), "tls.handshake_timeout"
@@ -444,17 +500,33 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
         _site(_Table(item, f"tls.sni[{number}]."), base, f"tls.sni[{number}]")
         for number, item in enumerate(_list_of(tls_table, "sni", dict, "tables"), start=1)
     )
+    insecure = security.allow_insecure_secret_files
     tickets = [
-        SecretRef(
-            file=_path(item, base),
+        parse_reference(
+            item,
             what="session-ticket key",
-            allow_insecure_permissions=security.allow_insecure_secret_files,
+            base=base,
+            key=f"tls.session_ticket_keys[{number}]",
+            allow_insecure_permissions=insecure,
         )
-        for item in _list_of(tls_table, "session_ticket_keys", str, "paths")
+        for number, item in enumerate(
+            _list_of(tls_table, "session_ticket_keys", str, "secret references"), start=1
+        )
     ]
     tickets += [
-        SecretRef(aws=item, what="session-ticket key")
-        for item in _list_of(tls_table, "session_ticket_keys_aws_secrets", str, "secret ids")
+        SecretRef(
+            source_of(
+                AWSSecretSource.from_locator,
+                item,
+                base,
+                f"tls.session_ticket_keys_aws_secrets[{number}]:",
+            ),
+            what="session-ticket key",
+            allow_insecure_permissions=insecure,
+        )
+        for number, item in enumerate(
+            _list_of(tls_table, "session_ticket_keys_aws_secrets", str, "secret ids"), start=1
+        )
     ]
     policy = tls_table.take("policy", str, "intermediate")
     if policy not in TLS_POLICIES:
@@ -462,8 +534,13 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
             f"tls.policy: {policy!r} is not one of {', '.join(TLS_POLICIES)} "
             "(intermediate: TLS 1.2 and 1.3; modern: TLS 1.3 only)"
         )
-    ocsp_response = _optional_secret(
-        tls_table, "ocsp_response", "ocsp_response_aws_secret", base, "OCSP response"
+    ocsp_response = _secret(
+        tls_table,
+        "tls",
+        "ocsp_response",
+        {"ocsp_response_aws_secret": AWSSecretSource.from_locator},
+        base,
+        "OCSP response",
     )
     client_auth_table = tls_table.take("client_auth", dict, None)
     client_auth = (
@@ -522,10 +599,9 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
             key_custody=key_custody,
         ),
         tls=TLSConfig(
-            certificate=_path(certificate_text, base) if certificate_text else None,
+            certificate=certificate,
             key=key,
             handshake_timeout=timeout,
-            certificate_aws_secret=certificate_aws,
             sni=sni,
             session_ticket_keys=tuple(tickets),
             policy=policy,
@@ -543,15 +619,22 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
     )
 
 
-def _certificate_keys(table: _Table, where: str) -> tuple[str | None, str | None]:
-    certificate = table.take("certificate", str, None)
-    certificate_aws = table.take("certificate_aws_secret", str, None)
-    if (certificate is None) == (certificate_aws is None):
+def _certificate(table: _Table, where: str, base: Path) -> SecretRef:
+    certificate = _secret(
+        table,
+        where,
+        "certificate",
+        {"certificate_aws_secret": AWSSecretSource.from_locator},
+        base,
+        "certificate chain",
+    )
+    if certificate is None:
         raise ConfigError(
             f"{where}: set exactly one of certificate (a PEM file: the leaf, then its "
-            "intermediates) or certificate_aws_secret (an AWS Secrets Manager secret id)"
+            f"intermediates; or a reference to it: {_FORMS}) or certificate_aws_secret (an "
+            "AWS Secrets Manager secret id)"
         )
-    return certificate, certificate_aws
+    return certificate
 
 
 def _key_uri(table: _Table, where: str) -> KeyURI:
@@ -573,15 +656,11 @@ def _list_of(table: _Table, key: str, kind: type, what: str) -> list[Any]:
 
 
 def _site(table: _Table, base: Path, where: str) -> SiteConfig:
-    certificate, certificate_aws = _certificate_keys(table, where)
+    certificate = _certificate(table, where, base)
     key = _key_uri(table, where)
     names = tuple(_list_of(table, "names", str, "server names"))
     table.finish()
-    if certificate is not None:
-        ref = SecretRef(file=_path(certificate, base), what="certificate chain")
-    else:
-        ref = SecretRef(aws=certificate_aws, what="certificate chain")
-    return SiteConfig(certificate=ref, key=key, names=names)
+    return SiteConfig(certificate=certificate, key=key, names=names)
 
 
 # --- HTTP forwarding: limits, timeouts, upstream groups and routes ([http], [upstreams.*],

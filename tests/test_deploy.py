@@ -146,8 +146,8 @@ def test_kubernetes_sidecar_reads_its_secrets_and_probes_the_admin_endpoint() ->
     config = parse_config(tomllib.loads(text), config_path.parent, str(config_path))
     # The PIN and the chain come from Kubernetes secrets, read-only, the PIN not world-readable.
     assert config.token.pin.file is not None
-    assert config.tls.certificate is not None
-    for path, key in ((config.token.pin.file, "pin"), (config.tls.certificate, "chain.pem")):
+    assert config.tls.certificate.file is not None
+    for path, key in ((config.token.pin.file, "pin"), (config.tls.certificate.file, "chain.pem")):
         mount, volume = _mount_source(proxy, volumes, path)
         assert mount["readOnly"] is True
         assert "secret" in volume

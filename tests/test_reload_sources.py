@@ -206,6 +206,49 @@ def test_each_server_name_gets_its_own_certificate_and_token_key(
     assert _peer(proxy.port, "localhost", ca).serial_number == localhost_serial
 
 
+# --- the reference form ------------------------------------------------------------------
+
+
+def test_reference_form_serves_and_reloads(
+    tmp_path: Path,
+    hsm: HSM,
+    ca: trustme.CA,
+    upstream: RecordingUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`pin = "env:..."`, `certificate = "file:..."` and `session_ticket_keys = ["file:..."]`
+    (both relative to the config file): the proxy serves, rotates the certificate under load
+    when the file is replaced, and refuses a broken ticket key naming its file."""
+    pin = hsm.pin_file.read_text().strip()
+    monkeypatch.setenv("HSM_PROXY_TEST_PIN", pin)
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(issue_chain(ca, hsm.public_keys["ec256"]))
+    ticket = tmp_path / "ticket.key"
+    ticket.write_bytes(secrets.token_bytes(80))
+    config = _write_config(
+        tmp_path,
+        f'listen = "127.0.0.1:0"\nupstream = "{upstream.url}"\n\n'
+        f'[token]\nmodule = "{hsm.module}"\npin = "env:HSM_PROXY_TEST_PIN"\nsessions = 2\n\n'
+        f'[tls]\ncertificate = "file:chain.pem"\nkey = "{hsm.uri("ec256")}"\n'
+        'session_ticket_keys = ["file:ticket.key"]\n',
+    )
+    proxy = launch(tmp_path, config)
+    context = client_context(ca)
+    before = serial_of(proxy.port, context)
+    with Load(proxy.port, context, fresh=1, keepalive=1) as load:
+        replace_file(chain, issue_chain(ca, hsm.public_keys["ec256"]))
+        wait_until(lambda: serial_of(proxy.port, context) != before, what="the new serial")
+        load.wait_for_more()
+    assert load.failures == []
+    reloads = [entry for entry in proxy.lines() if entry.get("event") == "reloaded"]
+    assert [entry["reason"] for entry in reloads] == [f"certificate chain file {chain} changed"]
+    replace_file(ticket, secrets.token_bytes(48))
+    failed = proxy.wait_for_log(lambda entry: entry.get("event") == "reload_failed", timeout=30)
+    assert f"session-ticket key file {ticket}: size failed" in str(failed["message"])
+    assert https_request(proxy.port, context).status == 200
+    assert pin not in proxy.log_path.read_text()
+
+
 # --- AWS Secrets Manager through moto -----------------------------------------------------
 
 MOTO_SERVER = REPO / ".venv-moto" / "bin" / "moto_server"
@@ -245,9 +288,26 @@ def moto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
         process.wait(timeout=10)
 
 
+# The same secrets named by the older per-source keys and by the reference form.
+AWS_KEYS = {
+    "older keys": (
+        'pin_aws_secret = "proxy/pin"',
+        'certificate_aws_secret = "proxy/chain"',
+        'session_ticket_keys_aws_secrets = ["proxy/ticket"]',
+    ),
+    "references": (
+        'pin = "aws-sm:proxy/pin"',
+        'certificate = "aws-sm:proxy/chain"',
+        'session_ticket_keys = ["aws-sm:proxy/ticket"]',
+    ),
+}
+
+
+@pytest.mark.parametrize("keys", AWS_KEYS)
 def test_aws_secrets_manager_rotation_reaches_new_handshakes(
-    moto: str, tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+    keys: str, moto: str, tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
 ) -> None:
+    pin_key, certificate_key, tickets_key = AWS_KEYS[keys]
     client = boto3.client("secretsmanager", endpoint_url=moto, region_name="eu-west-1")
     client.create_secret(Name="proxy/pin", SecretString=hsm.pin_file.read_text().strip())
     client.create_secret(
@@ -257,9 +317,8 @@ def test_aws_secrets_manager_rotation_reaches_new_handshakes(
     config = _write_config(
         tmp_path,
         f'listen = "127.0.0.1:0"\nupstream = "{upstream.url}"\n\n'
-        f'[token]\nmodule = "{hsm.module}"\npin_aws_secret = "proxy/pin"\nsessions = 2\n\n'
-        f'[tls]\ncertificate_aws_secret = "proxy/chain"\nkey = "{hsm.uri("ec256")}"\n'
-        f'session_ticket_keys_aws_secrets = ["proxy/ticket"]\n\n'
+        f'[token]\nmodule = "{hsm.module}"\n{pin_key}\nsessions = 2\n\n'
+        f'[tls]\n{certificate_key}\nkey = "{hsm.uri("ec256")}"\n{tickets_key}\n\n'
         f'[aws]\nendpoint_url = "{moto}"\nregion = "eu-west-1"\n',
     )
     proxy = launch(tmp_path, config)

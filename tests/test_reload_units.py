@@ -69,12 +69,12 @@ def test_new_config_keys_parse_into_secret_references(tmp_path: Path) -> None:
             '[aws]\nregion = "eu-west-1"\n',
         )
     )
-    assert config.tls.certificate is None
-    assert config.tls.certificate_ref() == SecretRef(aws="prod/chain", what="certificate chain")
-    assert [ref.file or ref.aws for ref in config.tls.session_ticket_keys] == [
-        tmp_path / "t1.key",
-        Path("/abs/t2.key"),
-        "prod/ticket",
+    assert config.tls.certificate == SecretRef(aws="prod/chain", what="certificate chain")
+    assert config.tls.certificate_ref() is config.tls.certificate
+    assert [ref.reference for ref in config.tls.session_ticket_keys] == [
+        f"file:{tmp_path / 't1.key'}",
+        "file:/abs/t2.key",
+        "aws-sm:prod/ticket",
     ]
     assert config.tls.sni[0].certificate.file == tmp_path / "api.pem"
     assert config.tls.sni[0].names == ("api.example.com",)
@@ -109,7 +109,7 @@ def test_two_pin_sources_are_refused(tmp_path: Path) -> None:
         'upstream = "http://127.0.0.1:8080"\n[token]\nmodule = "m.so"\npin_file = "pin"\n'
         'pin_aws_secret = "p"\n[tls]\ncertificate = "a.pem"\nkey = "pkcs11:object=web"\n'
     )
-    with pytest.raises(ConfigError, match="set exactly one of pin_file"):
+    with pytest.raises(ConfigError, match="pin_file and pin_aws_secret both give the PIN"):
         load_config(path)
 
 

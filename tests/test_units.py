@@ -89,7 +89,7 @@ def _config(**overrides: object) -> dict[str, object]:
 
 def test_config_resolves_relative_paths_against_the_file(tmp_path: Path) -> None:
     config = parse_config(_config(), base=tmp_path, source="test")
-    assert config.tls.certificate == tmp_path / "chain.pem"
+    assert config.tls.certificate.file == tmp_path / "chain.pem"
     assert config.token.pin.file == tmp_path / "pin"
     assert str(config.listen) == "127.0.0.1:8443"
 
@@ -99,13 +99,18 @@ def test_config_resolves_relative_paths_against_the_file(tmp_path: Path) -> None
     [
         (
             {"token": {"module": "m", "pin_file": "p", "pin_env": "E"}},
-            "set exactly one of pin_file",
+            "token: set exactly one of pin, pin_file, pin_env or pin_aws_secret: pin_file and "
+            "pin_env both give the PIN",
         ),
         (
             {"token": {"module": "m", "pin_file": "p", "sessions": True}},
             "token.sessions: expected an integer, got a boolean",
         ),
-        ({"token": {"module": "m", "pin_file": "p", "pin": "1234"}}, "token.pin: unknown key"),
+        (
+            {"token": {"module": "m", "pin_file": "p", "pin": "1234"}},
+            "pin and pin_file both give the PIN",
+        ),
+        ({"token": {"module": "m", "pin": "1234"}}, "token.pin: needs a reference"),
         ({"upstream": "https://backend"}, "must be an http:// URL"),
         ({"listen": "8443"}, "is not HOST:PORT"),
         (

@@ -350,6 +350,7 @@ def _read_status(path: Path | None) -> dict[str, Any] | None:
 def _dev(args: argparse.Namespace) -> int:
     from proxy.commands.demo import start_demo_upstream
     from proxy.commands.devstate import default_state_dir, prepare_dev_state
+    from proxy.secrets.store import SecretRef
 
     state_dir = args.state_dir or default_state_dir()
     listen = parse_address(args.listen, "--listen")
@@ -372,7 +373,10 @@ def _dev(args: argparse.Namespace) -> int:
         listen=listen,
         upstream=upstream,
         token=TokenConfig(module=module, pin=state.pin),
-        tls=TLSConfig(certificate=state.certificate, key=state.key_uri),
+        tls=TLSConfig(
+            certificate=SecretRef(file=state.certificate, what="certificate chain"),
+            key=state.key_uri,
+        ),
         admin=admin,
         source="hsm-proxy dev",
     )

@@ -474,11 +474,7 @@ class Reloader:
                 self._file_wake = trio.Event()
             else:
                 await trio.sleep(interval(config))
-            refs = [
-                ref
-                for ref in config.secrets()
-                if (ref.aws is not None) == (kind == "aws") and ref.env is None
-            ]
+            refs = [ref for ref in config.secrets() if ref.watch().poll == kind]
             changed = await trio.to_thread.run_sync(self._changed, refs)
             if not changed:
                 continue
@@ -493,12 +489,11 @@ class Reloader:
 
     def _watched_directories(self) -> list[str]:
         config = self.holder.current.config
+        directories = {ref.watch().directory for ref in config.secrets()}
         return sorted(
-            {
-                str(ref.file.parent)
-                for ref in config.secrets()
-                if ref.file is not None and _is_directory(ref.file.parent)
-            }
+            str(directory)
+            for directory in directories
+            if directory is not None and _is_directory(directory)
         )
 
     async def _file_events(self) -> None:

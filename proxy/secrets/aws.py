@@ -1,0 +1,135 @@
+"""Secrets in AWS Secrets Manager: ``aws-sm:prod/hsm-proxy/pin`` (a secret name or ARN).
+
+Theory of operation. A secret's version is the VersionId staged ``AWSCURRENT``, from
+``DescribeSecret`` (which carries no secret value); the reloader polls it every
+``reload.aws_poll_interval``. The value is fetched with ``GetSecretValue`` for that very
+version, only when a generation is built: ``SecretBinary`` as is, ``SecretString`` as
+UTF-8. Credentials and region come from boto3's normal chain (environment, profile,
+instance or task role); ``[aws]`` in the config may set the region and an endpoint URL
+(:class:`AWSSettings`). boto3 is imported on first use only, so a proxy without AWS
+secrets does not need it. Errors name the secret and the failed call (and AWS's error
+code), never a value.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from proxy.errors import ConfigError, SecretError
+from proxy.secrets.source import POLL_AWS, ReadContext, Watch
+
+# Secret names: letters, digits and /_+=.@- (AWS's own rule); an ARN adds ':'.
+_SECRET_ID = re.compile(r"[A-Za-z0-9/_+=.@:-]{1,2048}")
+_NO_BOTO3 = (
+    "an AWS Secrets Manager secret is configured but boto3 is not installed; install "
+    "hsm-proxy with the 'aws' extra (pip install 'hsm-proxy[aws]')"
+)
+
+
+@dataclass(frozen=True)
+class AWSSettings:
+    """Where Secrets Manager is: ``None`` fields fall back to boto3's own chain."""
+
+    region: str | None = None
+    endpoint_url: str | None = None
+
+
+class SecretsManagerClient:
+    """The one Secrets Manager client of a store, made on first use, remade when the
+    settings change (a reload may change ``[aws]``)."""
+
+    def __init__(self, settings: AWSSettings | None = None) -> None:
+        self._settings = settings or AWSSettings()
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def configure(self, settings: AWSSettings) -> None:
+        with self._lock:
+            if settings != self._settings:
+                self._settings = settings
+                self._client = None
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                try:
+                    import boto3
+                except ImportError:
+                    raise SecretError(_NO_BOTO3) from None
+                self._client = boto3.session.Session().client(
+                    "secretsmanager",
+                    region_name=self._settings.region,
+                    endpoint_url=self._settings.endpoint_url,
+                )
+            return self._client
+
+
+@dataclass(frozen=True)
+class AWSSecretSource:
+    secret_id: str
+
+    scheme: ClassVar[str] = "aws-sm"
+    line_break_allowed: ClassVar[bool] = False
+
+    @classmethod
+    def from_locator(cls, locator: str, base: Path) -> AWSSecretSource:
+        """``locator`` is a secret name or ARN (``base`` is not used)."""
+        if _SECRET_ID.fullmatch(locator) is None:
+            raise ConfigError(
+                "needs an AWS Secrets Manager secret name or ARN (letters, digits and "
+                "/_+=.@-:, at most 2048)"
+            )
+        return cls(locator)
+
+    @property
+    def locator(self) -> str:
+        return self.secret_id
+
+    def describe(self, what: str) -> str:
+        return f"{what} in AWS Secrets Manager secret {self.secret_id!r}"
+
+    def _call(self, context: ReadContext, operation: str, **arguments: Any) -> dict[str, Any]:
+        try:
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError:
+            raise SecretError(_NO_BOTO3) from None
+        where = self.describe(context.what)
+        try:
+            client = context.clients.secrets_manager()
+            result: dict[str, Any] = getattr(client, operation)(**arguments)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "error")
+            raise SecretError(f"{where}: {operation} failed: {code}") from None
+        except BotoCoreError as exc:
+            # botocore's messages name endpoints and missing credentials, never values.
+            raise SecretError(f"{where}: {operation} failed: {exc}") from None
+        return result
+
+    def version(self, context: ReadContext) -> Hashable:
+        return ("aws", self._current_version(context))
+
+    def _current_version(self, context: ReadContext) -> str:
+        described = self._call(context, "describe_secret", SecretId=self.secret_id)
+        for version, stages in (described.get("VersionIdsToStages") or {}).items():
+            if "AWSCURRENT" in stages:
+                return str(version)
+        raise SecretError(f"{self.describe(context.what)} has no version staged AWSCURRENT")
+
+    def read(self, context: ReadContext) -> bytes:
+        version = self._current_version(context)
+        answer = self._call(context, "get_secret_value", SecretId=self.secret_id, VersionId=version)
+        if answer.get("SecretBinary") is not None:
+            return bytes(answer["SecretBinary"])
+        if answer.get("SecretString") is not None:
+            return str(answer["SecretString"]).encode("utf-8")
+        raise SecretError(
+            f"{self.describe(context.what)} has neither SecretString nor SecretBinary"
+        )
+
+    def watch(self) -> Watch:
+        return Watch(POLL_AWS)
