@@ -67,7 +67,8 @@ from proxy.config import (
     UpstreamGroup,
 )
 from proxy.errors import TLSError
-from proxy.generation.reload import Generation, GenerationHolder
+from proxy.generation.holder import GenerationHolder
+from proxy.generation.model import Generation
 from proxy.http.rules import (
     IDEMPOTENT_METHODS,
     ClientInfo,
