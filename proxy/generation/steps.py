@@ -101,8 +101,9 @@ class Workbench:
         previous generation's encrypting key, so tickets issued just before a rotation
         still resume."""
         keys = list(self.tickets)
-        if not self.config.tls.session_ticket_keys and self.process.shared_ticket_key:
-            keys.append(self.process.shared_ticket_key)
+        shared = self.process.shared_ticket_key
+        if not self.config.tls.session_ticket_keys and shared is not None:
+            keys.append(shared)
         if self.previous is not None and self.previous.ticket_keys and keys:
             old = self.previous.ticket_keys[0]
             if all(key.name != old.name for key in keys):
