@@ -13,7 +13,9 @@ from OpenSSL import SSL
 
 from proxy.config import load_config
 from proxy.errors import ConfigError, LoginError, SecretError
-from proxy.generation.reload import GenerationHolder, build_generation, expiry_warnings
+from proxy.generation.build import build_generation
+from proxy.generation.holder import GenerationHolder
+from proxy.generation.model import expiry_warnings
 from proxy.pkcs11.keys import Mechanism, SignatureEvent
 from proxy.secrets.store import SecretRef, SecretStore
 from proxy.tls.core import SNIRouter, parse_ticket_key

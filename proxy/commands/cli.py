@@ -43,8 +43,8 @@ from proxy.ops.logs import audit_signature, connection_context, log, setup_loggi
 from proxy.pkcs11.keys import SignatureEvent
 
 if TYPE_CHECKING:
-    from proxy.commands.check import Row
-    from proxy.generation.reload import Generation, Reloader, ReloadResult
+    from proxy.generation.model import Generation, ProcessModel
+    from proxy.generation.reload import Reloader, ReloadResult
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,7 +158,10 @@ def _serve(
     reread: Callable[[], ProxyConfig] | None = None,
     pid_file: Path | None = None,
 ) -> int:
-    from proxy.generation.reload import GenerationHolder, Reloader, ReloadResult, build_generation
+    from proxy.generation.build import build_generation
+    from proxy.generation.holder import GenerationHolder
+    from proxy.generation.reload import Reloader, ReloadResult
+    from proxy.generation.steps import judge_custody
     from proxy.net.server import serve
     from proxy.ops.admin import Operations
 
@@ -168,10 +171,11 @@ def _serve(
         audit_signature(event)
         operations.observe_signature(event)
 
+    process = _process_model()
     # The start-up test signature's audit line says what it was for.
     startup = connection_context.set({"purpose": "startup_check"})
     try:
-        generation = build_generation(config, observe)
+        generation = build_generation(config, observe, process=process)
     finally:
         connection_context.reset(startup)
     log.info(
@@ -179,15 +183,10 @@ def _serve(
         f"({'never extractable' if generation.key.info.never_extractable else 'EXTRACTABLE'}), "
         f"{generation.token.pool_size} sessions"
     )
-    for key in [generation.key, *(site.key for site in generation.sites)]:
-        custody = key.info.custody_problems()
-        if not custody:
-            continue
-        log.warning(
-            f"key {key.info.describe()} is {' and '.join(custody)}: its value "
-            'could leave the token (set token.key_custody = "refuse" to refuse such keys)',
-            extra={"fields": {"event": "key_custody"}},
-        )
+    for key in generation.token_keys():
+        warning = judge_custody(key, config.token.key_custody).warning
+        if warning is not None:
+            log.warning(warning, extra={"fields": {"event": "key_custody"}})
     holder = GenerationHolder(generation)
     status_file = _status_file(pid_file) if pid_file is not None else None
 
@@ -196,7 +195,9 @@ def _serve(
         if status_file is not None:
             _write_status(status_file, reloader, result)
 
-    reloader = Reloader(holder, reread or (lambda: config), observe, on_result=report)
+    reloader = Reloader(
+        holder, reread or (lambda: config), observe, on_result=report, process=process
+    )
 
     async def run_reloader() -> None:
         # Test signatures of the generations a reload builds are audited as such.
@@ -236,6 +237,18 @@ def _serve(
                 with suppress(OSError):
                     path.unlink()
     return 0
+
+
+def _process_model() -> ProcessModel:
+    """What this process is among workers: a worker gets the supervisor's ticket key."""
+    from proxy.generation.model import ProcessModel
+    from proxy.net.workers import inherited_ticket_key
+    from proxy.tls.core import parse_ticket_key
+
+    shared = inherited_ticket_key()
+    if shared is None:
+        return ProcessModel()
+    return ProcessModel(parse_ticket_key(shared, "the workers' shared session-ticket key"))
 
 
 def prove_token_after_drop(generation: Generation, user: str) -> None:
@@ -400,12 +413,12 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from proxy.commands.check import FAIL, format_rows, run_checks
+    from proxy.commands.check import format_rows, run_checks
+    from proxy.generation.steps import FAIL
 
     purpose = connection_context.set({"purpose": "check"})
     try:
         rows = run_checks(args.config, audit_signature)
-        rows += _security_checks(args.config)
     finally:
         connection_context.reset(purpose)
     print(format_rows(rows), flush=True)
@@ -420,67 +433,6 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     print(f"hsm-proxy: {args.config}: check is successful", file=sys.stderr)
     return 0
-
-
-def _security_checks(path: Path) -> list[Row]:
-    """check's rows for the TLS policy, mutual TLS (its CA bundle read and checked) and the
-    OCSP staple (read and checked against the certificate)."""
-    from proxy.commands.check import FAIL, OK, Row
-    from proxy.generation.reload import _client_auth, load_chain_secret
-    from proxy.secrets.store import default_store
-    from proxy.tls.keybridge import verify_shared_libcrypto
-    from proxy.tls.ocsp import check_ocsp_response
-
-    try:
-        config = load_config(path)
-        verify_shared_libcrypto()  # probing TLS contexts on another libssl would crash
-    except ProxyError:
-        return []  # the config or openssl row says why
-    rows = [Row(OK, name, detail) for name, detail in _security_rows(config)]
-    store = default_store()
-    try:
-        _client_auth(store, config.tls.client_auth)
-    except ProxyError as exc:
-        rows.append(Row(FAIL, "client CA", str(exc)))
-    if config.tls.ocsp_response is not None:
-        ref = config.tls.ocsp_response
-        try:
-            chain = load_chain_secret(store, config.tls.certificate_ref())
-            check_ocsp_response(store.read(ref), chain, ref.describe())
-        except ProxyError as exc:
-            rows = [row for row in rows if row.name != "ocsp"]
-            rows.append(Row(FAIL, "ocsp", str(exc)))
-    return rows
-
-
-def _security_rows(config: ProxyConfig) -> list[tuple[str, str]]:
-    from proxy.tls.core import key_exchange_groups
-
-    rows = [
-        (
-            "tls policy",
-            f"{config.tls.policy}, groups {':'.join(key_exchange_groups())}",
-        )
-    ]
-    client_auth = config.tls.client_auth
-    if client_auth is not None:
-        lists = {
-            "cn": len(client_auth.allow_cn),
-            "dns": len(client_auth.allow_dns),
-            "uri": len(client_auth.allow_uri),
-            "spki": len(client_auth.allow_spki_sha256),
-        }
-        allowed = (
-            "any certificate of the CA"
-            if client_auth.allow_any
-            else ", ".join(f"{count} {kind}" for kind, count in lists.items() if count)
-        )
-        rows.append(
-            ("client auth", f"{client_auth.mode}, CA {client_auth.ca.describe()}, allow {allowed}")
-        )
-    if config.tls.ocsp_response is not None:
-        rows.append(("ocsp", f"{config.tls.ocsp_response}: good, current, for this certificate"))
-    return rows
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from contextlib import suppress
 import h11
 import trio
 
-from proxy.generation.reload import GenerationHolder
+from proxy.generation.holder import GenerationHolder
 from proxy.http.rules import error_response, error_status_for
 from proxy.ops.admin import Operations
 from proxy.ops.logs import log

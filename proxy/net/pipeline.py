@@ -34,7 +34,8 @@ from typing import Protocol
 import trio
 
 from proxy.errors import TLSError
-from proxy.generation.reload import Generation, GenerationHolder
+from proxy.generation.holder import GenerationHolder
+from proxy.generation.model import Generation
 from proxy.net.limits import HandshakeLimiter, HandshakeSlot
 from proxy.net.sockets import TCPStream
 from proxy.ops.admin import Metrics

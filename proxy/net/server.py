@@ -27,7 +27,7 @@ import trio
 
 from proxy.config import Address
 from proxy.errors import TLSError
-from proxy.generation.reload import GenerationHolder
+from proxy.generation.holder import GenerationHolder
 from proxy.http.admin import handle_admin
 from proxy.http.exchange import HTTP1Handler
 from proxy.net.limits import HandshakeLimiter

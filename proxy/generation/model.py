@@ -1,0 +1,81 @@
+"""What a generation is: the values a build makes, and what the process hands every build.
+
+Theory of operation (DESIGN.md, decision 5). A :class:`Generation` is everything derived
+from secrets, complete and checked before anything serves it: the logged-in token, the
+default certificate's key, chain and SSL context, one :class:`Site` per ``[[tls.sni]]``
+certificate (chosen by SNI from the default context), and the session-ticket keys
+installed in every context. It is immutable; a reload builds a new one and swaps it whole
+(holder.py), and :meth:`Generation.close` closes its token sessions once nothing uses it.
+
+A :class:`ProcessModel` is what the process around the generations decided, given to
+every build by the command line rather than read from below: the session-ticket key a
+``--workers`` supervisor shares with its workers (net/workers.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from proxy.config import ProxyConfig
+from proxy.pkcs11.token import Token, TokenKey
+from proxy.tls.certificates import Chain
+from proxy.tls.core import TicketKey
+
+if TYPE_CHECKING:  # only tls/ touches OpenSSL; this is a type name
+    from OpenSSL import SSL
+
+
+@dataclass(frozen=True)
+class ProcessModel:
+    """What the process tells every build of its generations."""
+
+    # The supervisor's session-ticket key: used when the config names none, so that the
+    # workers of one supervisor resume each other's sessions. None outside a worker.
+    shared_ticket_key: TicketKey | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One served certificate with its token key and SSL context."""
+
+    names: tuple[str, ...]
+    key: TokenKey
+    chain: Chain
+    ssl_context: SSL.Context
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    config: ProxyConfig
+    token: Token
+    key: TokenKey  # the default certificate's key
+    chain: Chain  # the default certificate chain
+    ssl_context: SSL.Context  # the default context; SNI moves connections to sites'
+    sites: tuple[Site, ...] = ()
+    ticket_keys: tuple[TicketKey, ...] = field(default=(), repr=False)
+
+    def chains(self) -> list[Chain]:
+        return [self.chain, *(site.chain for site in self.sites)]
+
+    def token_keys(self) -> list[TokenKey]:
+        return [self.key, *(site.key for site in self.sites)]
+
+    def close(self) -> None:
+        self.token.close()
+
+
+def expiry_warnings(generation: Generation, days: int, now: datetime.datetime) -> list[str]:
+    """One line per certificate of ``generation`` that expires within ``days``."""
+    lines = []
+    for chain in generation.chains():
+        left = chain.not_after() - now
+        if left <= datetime.timedelta(days=days):
+            lines.append(
+                f"certificate {chain.source} ({chain.leaf.subject.rfc4514_string()}) expires "
+                f"on {chain.not_after():%Y-%m-%d %H:%M}Z, in {left.days} days "
+                f"(warning threshold: {days} days)"
+            )
+    return lines

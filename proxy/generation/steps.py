@@ -1,0 +1,476 @@
+"""The named steps that build and validate a generation: one table, rules first.
+
+Theory of operation (the style of h11's ``_state.py``: the rules stated here, the data
+as tables below, the code that walks them in build.py).
+
+1. :data:`STEPS` lists every step in the order a build takes it. A step makes one part of
+   a generation, or checks one thing, on a :class:`Workbench` that holds what the steps
+   before it made; build.py runs the list and assembles the :class:`Generation`.
+2. A step runs once per item its ``each`` finds in the config: once; once per served
+   certificate ("site": 0 is the default certificate of ``[tls]``, n is ``[[tls.sni]]``
+   number n, so the rows are ``key``, ``sni[1] key``, ...); once per configured
+   session-ticket key; or not at all when the config does not ask for it (no client auth,
+   no OCSP staple, no SNI). A step that does not run has no row.
+3. ``needs`` names the steps whose results a step uses (``{site}`` is the step's own site).
+   A reload or ``run`` stops at the first failure, so everything needed is there; ``hsm-proxy
+   check`` runs every step and skips one whose needed step did not succeed, with that
+   step's :data:`MISSING` phrase as the reason. A need that has no row (its step does not
+   apply) is met.
+4. A step returns the detail of its row, or a :class:`Caution` for a warning row, and raises
+   a :class:`ProxyError` to fail. An error names the secret and the check it concerns; where
+   the error itself does not, :data:`BLAME` says which: a build that stops raises
+   ``"<secret>: <check> failed: <error>"``, while check's row, already named by its step,
+   shows the error alone.
+5. Key custody (``token.key_custody = "warn" | "refuse"``) is decided by
+   :func:`judge_custody` alone; the custody step, ``run``'s start-up warning and check's row
+   all act on its verdict.
+
+The PIN is on the workbench only between the ``pin`` and ``token`` steps; the token step
+takes it off and logs in (in a child process when this process is logged in already, so
+a reload proves a new PIN: pkcs11/token.py). Steps run in a worker thread (a reload) or in
+the command line; nothing here runs an event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, cast
+
+from proxy.config import ProxyConfig
+from proxy.errors import ConfigError, KeyCustodyError, LoginError, ProxyError, SecretError
+from proxy.generation.model import Generation, ProcessModel
+from proxy.pkcs11.keys import SignatureObserver
+from proxy.pkcs11.token import Token, TokenKey
+from proxy.pkcs11.uri import KeyURI
+from proxy.secrets.store import SecretRef, SecretStore, read_pin
+from proxy.tls.certificates import Chain, check_key_matches, parse_chain, validate_chain
+from proxy.tls.clientauth import ClientAuthPolicy, load_ca_bundle
+from proxy.tls.core import (
+    TicketKey,
+    TLSPolicy,
+    build_server_context,
+    install_ticket_keys,
+    key_exchange_groups,
+    parse_ticket_key,
+)
+from proxy.tls.keybridge import verify_shared_libcrypto
+from proxy.tls.ocsp import check_ocsp_response
+
+if TYPE_CHECKING:  # only tls/ touches OpenSSL; this is a type name
+    from OpenSSL import SSL
+
+# A row's status, as `hsm-proxy check` prints it.
+OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+
+
+@dataclass(frozen=True)
+class Caution:
+    """What a step returns instead of its detail when its row is a warning."""
+
+    detail: str
+
+
+@dataclass
+class Workbench:
+    """The inputs of one build and what its steps have made so far (by site: 0 the
+    default certificate, n the n-th ``[[tls.sni]]``)."""
+
+    config: ProxyConfig
+    store: SecretStore
+    observer: SignatureObserver
+    process: ProcessModel
+    previous: Generation | None = None
+    chains: dict[int, Chain] = field(default_factory=dict)
+    tickets: list[TicketKey] = field(default_factory=list, repr=False)
+    client_auth: ClientAuthPolicy | None = None
+    ocsp: bytes | None = None
+    pin: str | None = field(default=None, repr=False)
+    token: Token | None = None
+    keys: dict[int, TokenKey] = field(default_factory=dict)
+    names: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    contexts: dict[int, SSL.Context] = field(default_factory=dict)
+
+    def logged_in(self) -> Token:
+        if self.token is None:  # pragma: no cover - "needs" runs the token step first
+            raise RuntimeError("a step that needs the token ran without it")
+        return self.token
+
+    def ticket_keys(self) -> list[TicketKey]:
+        """The configured keys (the first encrypts), else the workers' shared one; plus the
+        previous generation's encrypting key, so tickets issued just before a rotation
+        still resume."""
+        keys = list(self.tickets)
+        shared = self.process.shared_ticket_key
+        if not self.config.tls.session_ticket_keys and shared is not None:
+            keys.append(shared)
+        if self.previous is not None and self.previous.ticket_keys and keys:
+            old = self.previous.ticket_keys[0]
+            if all(key.name != old.name for key in keys):
+                keys.append(old)
+        return keys
+
+    def close(self) -> None:
+        self.pin = None
+        if self.token is not None:
+            self.token.close()
+
+
+StepFunction = Callable[[Workbench, int], str | Caution]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # the row's name; {site} becomes "" or "sni[n] ", {n} the item's number
+    each: Callable[[ProxyConfig], range]  # the items it runs for (an empty range: no row)
+    needs: tuple[str, ...]  # names of the steps whose results it uses
+    run: StepFunction
+
+    def row_name(self, item: int) -> str:
+        return self.name.format(site=site_prefix(item), n=item)
+
+    def needed(self, item: int) -> list[str]:
+        return [need.format(site=site_prefix(item), n=item) for need in self.needs]
+
+
+@dataclass(frozen=True)
+class Blame:
+    """The secret a failure of a step is about, and the check's name, for a stopped build."""
+
+    secret: Callable[[ProxyConfig, int], SecretRef]
+    check: str
+    kinds: tuple[type[ProxyError], ...] = (ProxyError,)
+
+
+def site_prefix(site: int) -> str:
+    return f"sni[{site}] " if site else ""
+
+
+# -- custody: the one place it is decided ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Custody:
+    """The verdict on one key's custody."""
+
+    status: str  # OK, WARN or FAIL
+    detail: str  # check's row: the key's attributes and what they mean (FAIL: the refusal)
+    warning: str | None  # run's start-up warning, when the key's value could leave the token
+
+
+def judge_custody(key: TokenKey, policy: str) -> Custody:
+    """A key that can leave the token (``CKA_EXTRACTABLE`` true or ``CKA_SENSITIVE`` false)
+    breaks the promise "used, never held": a warning, or a failure when ``policy`` (the
+    config's ``token.key_custody``) is ``"refuse"``. A key imported or once extractable
+    (``CKA_NEVER_EXTRACTABLE`` or ``CKA_ALWAYS_SENSITIVE`` false) may have a copy outside
+    the token: a warning of check's only."""
+    info = key.info
+    attributes = (
+        f"sensitive={info.sensitive} extractable={info.extractable} "
+        f"always_sensitive={info.always_sensitive} never_extractable={info.never_extractable}"
+    )
+    problems = " and ".join(info.custody_problems())
+    if problems and policy == "refuse":
+        refusal = (
+            f"key {info.describe()} is {problems}: its value could leave the token, and "
+            'token.key_custody = "refuse" (generate a sensitive, non-extractable key, or set '
+            'key_custody = "warn")'
+        )
+        return Custody(FAIL, refusal, None)
+    if problems:
+        return Custody(
+            WARN,
+            f"{attributes}: the key is {problems}, so its value could leave the token "
+            '(token.key_custody = "refuse" refuses such keys)',
+            f"key {info.describe()} is {problems}: its value could leave the token "
+            '(set token.key_custody = "refuse" to refuse such keys)',
+        )
+    if info.never_extractable is not True or info.always_sensitive is not True:
+        return Custody(
+            WARN,
+            f"{attributes}: the key was imported or was once extractable, so a copy may "
+            "exist outside the token",
+            None,
+        )
+    return Custody(OK, attributes, None)
+
+
+# -- helpers the steps share ----------------------------------------------------------------
+
+
+@contextmanager
+def checking(
+    secret: str, check: str, kinds: type[ProxyError] | tuple[type[ProxyError], ...] = ProxyError
+) -> Iterator[None]:
+    """Re-raise a ProxyError (same type) prefixed with the secret and the check that failed."""
+    try:
+        yield
+    except kinds as exc:
+        raise blamed(exc, secret, check) from None
+
+
+def blamed(exc: ProxyError, secret: str, check: str) -> ProxyError:
+    """``exc`` as "<secret>: <check> failed: <message>" (the secret said once)."""
+    text = str(exc)
+    if text.startswith(f"{secret}: "):
+        text = text[len(secret) + 2 :]
+    return type(exc)(f"{secret}: {check} failed: {text}")
+
+
+def load_chain_secret(store: SecretStore, ref: SecretRef) -> Chain:
+    where = ref.describe()
+    with checking(where, "read"):
+        pem = store.read(ref)
+    source = str(ref.file) if ref.file is not None else where
+    with checking(where, "parse"):
+        chain = parse_chain(pem, source)
+    with checking(where, "chain order and validity dates"):
+        validate_chain(chain)
+    return chain
+
+
+def _certificate_ref(config: ProxyConfig, site: int) -> SecretRef:
+    return config.tls.sni[site - 1].certificate if site else config.tls.certificate_ref()
+
+
+def _key_uri(config: ProxyConfig, site: int) -> KeyURI:
+    return config.tls.sni[site - 1].key if site else config.tls.key
+
+
+def _dns_names(chain: Chain) -> tuple[str, ...]:
+    from cryptography import x509
+
+    try:
+        extension = chain.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(extension.value.get_values_for_type(x509.DNSName))
+
+
+# -- the steps ------------------------------------------------------------------------------
+
+
+def _openssl(_bench: Workbench, _item: int) -> str:
+    verify_shared_libcrypto()
+    return "pyOpenSSL and the key bridge share the system libcrypto"
+
+
+def _certificate(bench: Workbench, site: int) -> str:
+    chain = load_chain_secret(bench.store, _certificate_ref(bench.config, site))
+    bench.chains[site] = chain
+    return (
+        f"{chain.leaf.subject.rfc4514_string()}, {len(chain.certificates)} in chain, "
+        f"valid until {chain.not_after():%Y-%m-%d %H:%M} UTC"
+    )
+
+
+def _ticket_key(bench: Workbench, number: int) -> str:
+    ref = bench.config.tls.session_ticket_keys[number - 1]
+    with checking(ref.describe(), "read"):
+        raw = bench.store.read(ref)
+    with checking(ref.describe(), "size"):
+        ticket = parse_ticket_key(raw, ref.describe())
+    if ticket not in bench.tickets:  # the same key listed twice (mid-rotation) is harmless
+        bench.tickets.append(ticket)
+    return f"{ref.describe()}: a valid session-ticket key"
+
+
+def _client_auth(bench: Workbench, _item: int) -> str:
+    """The client-auth policy with its CA bundle read now (every generation reads it)."""
+    policy = bench.config.tls.client_auth
+    if policy is None:  # pragma: no cover - "each" runs this step only with client auth
+        raise RuntimeError("the client-auth step ran without [tls.client_auth]")
+    where = policy.ca.describe()
+    with checking(where, "read"):
+        pem = bench.store.read(policy.ca)
+    bench.client_auth = replace(policy, ca_certificates=load_ca_bundle(pem, where))
+    lists = {
+        "cn": len(policy.allow_cn),
+        "dns": len(policy.allow_dns),
+        "uri": len(policy.allow_uri),
+        "spki": len(policy.allow_spki_sha256),
+    }
+    allowed = (
+        "any certificate of the CA"
+        if policy.allow_any
+        else ", ".join(f"{count} {kind}" for kind, count in lists.items() if count)
+    )
+    return f"{policy.mode}, CA {where}, allow {allowed}"
+
+
+def _ocsp(bench: Workbench, _item: int) -> str:
+    ref = bench.config.tls.ocsp_response
+    if ref is None:  # pragma: no cover - "each" runs this step only with a staple
+        raise RuntimeError("the OCSP step ran without tls.ocsp_response")
+    with checking(ref.describe(), "read"):
+        der = bench.store.read(ref)
+    bench.ocsp = check_ocsp_response(der, bench.chains[0], ref.describe())
+    return f"{ref.describe()}: good, current, for this certificate"
+
+
+def _pin(bench: Workbench, _item: int) -> str:
+    source = bench.config.token.pin
+    with checking(source.describe(), "read"):
+        bench.pin = read_pin(source, bench.store)
+    return source.describe()
+
+
+def _token(bench: Workbench, _item: int) -> str:
+    config, store = bench.config, bench.store
+    pin, bench.pin = bench.pin, None
+    if pin is None:  # pragma: no cover - "needs" runs the pin step first
+        raise RuntimeError("the token step ran without a PIN")
+    bench.token = Token(
+        config.token.module,
+        config.tls.key,
+        pin,
+        pool_size=config.token.sessions,
+        observer=bench.observer,
+        # Recovery logs in again with the PIN read afresh from its source (never kept).
+        pin_provider=lambda: read_pin(config.token.pin, store),
+    )
+    return f"{bench.token.label!r} in {config.token.module}: logged in"
+
+
+def _mechanisms(bench: Workbench, _item: int) -> str:
+    return ", ".join(sorted(m.value for m in bench.logged_in().mechanisms)) or "none"
+
+
+def _key(bench: Workbench, site: int) -> str:
+    token = bench.logged_in()
+    uri = _key_uri(bench.config, site)
+    if uri.token is not None and uri.token != token.label:
+        raise ConfigError(
+            f"{uri}: every key must live in the token that [tls] key names ({token.label!r})"
+        )
+    key = bench.keys[site] = token.find_private_key(uri)
+    return f"{uri} -> {key.info.describe()}"
+
+
+def _custody(bench: Workbench, site: int) -> str | Caution:
+    verdict = judge_custody(bench.keys[site], bench.config.token.key_custody)
+    if verdict.status == FAIL:
+        raise KeyCustodyError(verdict.detail)
+    return Caution(verdict.detail) if verdict.status == WARN else verdict.detail
+
+
+def _match(bench: Workbench, site: int) -> str:
+    check_key_matches(bench.chains[site], bench.keys[site])
+    return "certificate key == token key; a test signature verified"
+
+
+def _names(bench: Workbench, site: int) -> str:
+    """The server names an SNI site serves, claimed by no other site."""
+    chain = bench.chains[site]
+    sni = bench.config.tls.sni[site - 1]
+    names = sni.names or _dns_names(chain)
+    if not names:
+        raise ConfigError(
+            f"{sni.certificate.describe()}: the certificate has no DNS name; list the "
+            "server names it serves in names = [...]"
+        )
+    owners = {
+        name.lower(): bench.chains[other].source
+        for other, claimed in bench.names.items()
+        for name in claimed
+    }
+    for name in names:
+        lowered = name.lower()
+        if lowered in owners:
+            raise ConfigError(
+                f"server name {name!r} is claimed by both {owners[lowered]} and {chain.source}"
+            )
+        owners[lowered] = chain.source
+    bench.names[site] = names
+    return ", ".join(names)
+
+
+def _server_context(bench: Workbench, site: int) -> str:
+    """Every context of the listener gets the TLS policy and the client-auth rules, so no
+    server name can be reached around them; the OCSP staple is the default chain's."""
+    policy = cast(TLSPolicy, bench.config.tls.policy)  # config.py checked the name
+    context = build_server_context(
+        bench.chains[site],
+        bench.keys[site],
+        policy=policy,
+        client_auth=bench.client_auth,
+        ocsp_response=None if site else bench.ocsp,
+    )
+    tickets = bench.ticket_keys()
+    if tickets:
+        install_ticket_keys(context, tickets)
+    bench.contexts[site] = context
+    if site:
+        return f"{', '.join(bench.names[site])} -> server context built"
+    detail = f"server context built: {policy}, groups {':'.join(key_exchange_groups())}"
+    return detail + (f", {len(tickets)} session-ticket key(s)" if tickets else "")
+
+
+# -- the tables -----------------------------------------------------------------------------
+
+
+def _once(_config: ProxyConfig) -> range:
+    return range(1)
+
+
+def _sites(config: ProxyConfig) -> range:
+    return range(1 + len(config.tls.sni))
+
+
+def _sni_sites(config: ProxyConfig) -> range:
+    return range(1, 1 + len(config.tls.sni))
+
+
+def _ticket_refs(config: ProxyConfig) -> range:
+    return range(1, 1 + len(config.tls.session_ticket_keys))
+
+
+def _with_client_auth(config: ProxyConfig) -> range:
+    return range(1 if config.tls.client_auth is not None else 0)
+
+
+def _with_ocsp(config: ProxyConfig) -> range:
+    return range(1 if config.tls.ocsp_response is not None else 0)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("openssl", _once, (), _openssl),
+    Step("{site}certificate", _sites, (), _certificate),
+    Step("ticket key[{n}]", _ticket_refs, (), _ticket_key),
+    Step("client auth", _with_client_auth, (), _client_auth),
+    Step("ocsp", _with_ocsp, ("certificate",), _ocsp),
+    Step("pin", _once, (), _pin),
+    Step("token", _once, ("pin",), _token),
+    Step("mechanisms", _once, ("token",), _mechanisms),
+    Step("{site}key", _sites, ("token",), _key),
+    Step("{site}custody", _sites, ("{site}key",), _custody),
+    Step("{site}match", _sites, ("{site}certificate", "{site}key"), _match),
+    Step("{site}names", _sni_sites, ("{site}certificate",), _names),
+    Step("tls", _once, ("openssl", "match", "client auth", "ocsp"), _server_context),
+    Step(
+        "{site}tls",
+        _sni_sites,
+        ("openssl", "{site}match", "{site}names", "client auth"),
+        _server_context,
+    ),
+)
+
+# Why check skips a step that needs the step named here, when that one did not succeed.
+MISSING: dict[str, str] = {
+    "openssl": "pyOpenSSL does not use the key bridge's libcrypto",
+    "{site}certificate": "no valid certificate",
+    "client auth": "no valid client CA bundle",
+    "ocsp": "no valid OCSP response",
+    "pin": "no usable PIN",
+    "token": "no token session",
+    "{site}key": "no token key",
+    "{site}match": "no certificate proven to match its token key",
+    "{site}names": "no server names for the site",
+}
+
+# The secret and the check a stopped build names for a step whose error does not.
+BLAME: dict[str, Blame] = {
+    "token": Blame(lambda config, _item: config.token.pin, "login", (LoginError, SecretError)),
+    "{site}match": Blame(_certificate_ref, "certificate matches token key"),
+}
