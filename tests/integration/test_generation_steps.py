@@ -242,21 +242,15 @@ def test_a_name_claimed_twice_fails_that_site_only(
 # -- custody: one verdict for run, reload and check -----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def loose_key(hsm: HSM) -> str:
-    hsm.add_key("loose", "loose-ec256", b"\x20", "P-256", extractable=True)
-    return "loose"
-
-
 def test_custody_verdict_is_the_one_every_command_acts_on(
-    tmp_path: Path, hsm: HSM, ca: trustme.CA, loose_key: str
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, exportable_key: str
 ) -> None:
     good = build_generation(_config(tmp_path, hsm, ca), _ignore)
     try:
         assert judge_custody(good.key, "refuse").status == "ok"
     finally:
         good.close()
-    config = _config(tmp_path, hsm, ca, loose_key)
+    config = _config(tmp_path, hsm, ca, exportable_key)
     generation = build_generation(config, _ignore)  # "warn", the default: it serves
     try:
         warned = judge_custody(generation.key, "warn")
@@ -268,7 +262,7 @@ def test_custody_verdict_is_the_one_every_command_acts_on(
     assert "is extractable: its value could leave the token" in warned.warning
     assert (refused.status, refused.warning) == ("FAIL", None)
     assert _rows(check_generation(config, _ignore))["custody"] == ("warn", warned.detail)
-    strict = _config(tmp_path, hsm, ca, loose_key, extra_token='key_custody = "refuse"')
+    strict = _config(tmp_path, hsm, ca, exportable_key, extra_token='key_custody = "refuse"')
     with pytest.raises(KeyCustodyError) as caught:
         build_generation(strict, _ignore)
     assert str(caught.value) == refused.detail

@@ -4,7 +4,6 @@ gets that context's client-certificate rules (OpenSSL does not copy them by itse
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,35 +12,10 @@ import trio.testing
 import trustme
 
 from proxy.errors import TLSError
-from proxy.pkcs11.token import Token
 from proxy.secrets.store import SecretRef
-from proxy.tls.certificates import parse_chain
-from proxy.tls.clientauth import ClientAuthPolicy, load_ca_bundle
-from proxy.tls.core import TLSInfo, TLSStream, build_server_context
-from tests.support import HSM, TOKEN_PIN, issue_chain
-from tests.test_mtls import issue_client_cert
+from proxy.tls.core import TLSInfo, TLSStream
 
 CA_REF = SecretRef(file=Path("client-ca.pem"), what="client CA bundle")
-
-
-@pytest.fixture
-def contexts(hsm: HSM, ca: trustme.CA, tmp_path: Path) -> Iterator[tuple[object, object, Path]]:
-    client_ca = trustme.CA()
-    token = Token(hsm.module, hsm.uri("ec256"), TOKEN_PIN, pool_size=2)
-    key = token.find_private_key(hsm.uri("ec256"))
-    names = ("localhost", "secure.localhost")
-    chain = parse_chain(issue_chain(ca, hsm.public_keys["ec256"], names), "test chain")
-    policy = ClientAuthPolicy(
-        mode="require",
-        ca=CA_REF,
-        allow_cn=frozenset({"web"}),
-        ca_certificates=load_ca_bundle(client_ca.cert_pem.bytes(), "client-ca.pem"),
-    )
-    open_context = build_server_context(chain, key)
-    mtls_context = build_server_context(chain, key, client_auth=policy)
-    cert = issue_client_cert(tmp_path, client_ca, "web", common_name="web")
-    yield open_context, mtls_context, cert.cert_path
-    token.close()
 
 
 def handshake(

@@ -11,20 +11,7 @@ import trio.testing
 import trustme
 
 from proxy.errors import TLSError
-from proxy.pkcs11.token import Token
-from proxy.tls.certificates import check_key_matches, parse_chain
-from proxy.tls.core import TLSStream, build_server_context
-from tests.support import HSM, TOKEN_PIN, issue_chain
-
-
-@pytest.fixture
-def server_context(hsm: HSM, ca: trustme.CA):  # type: ignore[no-untyped-def]
-    token = Token(hsm.module, hsm.uri("ec256"), TOKEN_PIN, pool_size=2)
-    key = token.find_private_key(hsm.uri("ec256"))
-    chain = parse_chain(issue_chain(ca, hsm.public_keys["ec256"]), "test chain")
-    check_key_matches(chain, key)
-    yield build_server_context(chain, key), token
-    token.close()
+from proxy.tls.core import TLSStream
 
 
 def _pair(server_context, ca: trustme.CA):  # type: ignore[no-untyped-def]

@@ -9,14 +9,13 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 import trustme
 
-from tests.support import HSM, ProxyProcess, RecordingUpstream, client_context
-from tests.support_http import (
+from tests.support import RecordingUpstream, StartProxy, client_context
+from tests.support.http import (
     ScriptedUpstream,
     exchange_raw,
     read_all,
@@ -27,37 +26,6 @@ from tests.support_http import (
     tls_connect,
     wait_until,
 )
-
-StartProxy = Callable[..., ProxyProcess]
-
-
-@pytest.fixture
-def start_proxy(tmp_path: Path, hsm: HSM, ca: trustme.CA) -> Iterator[StartProxy]:
-    started: list[ProxyProcess] = []
-
-    def start(upstream_url: str, http: str = "", extra: str = "") -> ProxyProcess:
-        text = f"\n[http]\n{http}\n{extra}" if http else extra
-        process = ProxyProcess.start(tmp_path, hsm, ca, upstream_url, "ec256", extra=text)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
-
-
-@pytest.fixture
-def scripted() -> Iterator[Callable[..., ScriptedUpstream]]:
-    servers: list[ScriptedUpstream] = []
-
-    def make(handler: Callable[[socket.socket, ScriptedUpstream], None]) -> ScriptedUpstream:
-        server = ScriptedUpstream(handler)
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 def get(path: str, host: str = "localhost", extra: str = "") -> bytes:
@@ -204,7 +172,7 @@ def test_routes_choose_upstreams_by_host_and_path_and_round_robin_skips_a_dead_a
 def test_chunked_upload_and_download_stream_through(
     start_proxy: StartProxy, scripted: Callable[..., ScriptedUpstream], ca: trustme.CA
 ) -> None:
-    from tests.support_http import streaming_handler
+    from tests.support.http import streaming_handler
 
     backend = scripted(streaming_handler)
     proxy = start_proxy(backend.url)

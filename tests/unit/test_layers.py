@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
+PACKAGE = Path(__file__).resolve().parent.parent.parent / "proxy"
 
 # module name prefix -> the package (under proxy/) that alone may import it
 OWNERS = {

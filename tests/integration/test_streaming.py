@@ -17,7 +17,7 @@ import pytest
 import trustme
 
 from tests.support import HSM, ProxyProcess
-from tests.support_http import ScriptedUpstream, streaming_handler, write_ca
+from tests.support.http import ScriptedUpstream, streaming_handler, write_ca
 
 GIB = 1 << 30
 RSS_LIMIT_KIB = 100 * 1024

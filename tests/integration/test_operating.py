@@ -23,7 +23,7 @@ from tests.support import (
     free_port,
     https_request,
 )
-from tests.support_operating import (
+from tests.support.operating import (
     admin_section,
     admin_url,
     get,
@@ -327,7 +327,7 @@ def test_reloads_are_counted_and_the_new_certificate_is_exported(
     tmp_path: Path,
 ) -> None:
     from tests.support import issue_chain
-    from tests.support_reload import RELOAD_SETTINGS, replace_file
+    from tests.support.reload import RELOAD_SETTINGS, replace_file
 
     proxy = proxy_factory("ec256", extra_tls=admin_section(probe_interval=60) + RELOAD_SETTINGS)
     admin = admin_url(proxy.lines())

@@ -7,13 +7,12 @@ keep-alive ones), the proxy as a subprocess. Zero failed requests is the bar.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
 
-from proxy.pkcs11.provision import change_pin, generate_key, initialize_token
+from proxy.pkcs11.provision import change_pin
 from proxy.pkcs11.token import Token
 from proxy.pkcs11.uri import parse_key_uri
 from tests.support import (
@@ -25,22 +24,15 @@ from tests.support import (
     issue_chain,
     run_cli,
 )
-from tests.support_reload import (
+from tests.support.reload import (
     RELOAD_SETTINGS,
     KubernetesSecretDir,
     Load,
     launch,
     replace_file,
     serial_of,
-    stop_launched,
     wait_until,
 )
-
-
-@pytest.fixture(autouse=True)
-def stop_proxies() -> Iterator[None]:
-    yield
-    stop_launched()
 
 
 def _config(
@@ -148,16 +140,6 @@ def test_kubernetes_secret_symlink_swap_is_picked_up(
         wait_until(lambda: serial_of(proxy.port, context) != before, what="the new serial")
         load.wait_for_more()
     assert load.failures == []
-
-
-@pytest.fixture
-def rotating_token(hsm: HSM) -> tuple[str, str]:
-    """A token of its own (its PIN changes), with one P-256 key: (label, PIN)."""
-    label = f"rot-{secrets.token_hex(4)}"
-    pin = f"pin-{secrets.token_hex(6)}"
-    initialize_token(hsm.module, label, "so-" + secrets.token_hex(6), pin)
-    generate_key(hsm.module, label, pin, "web", b"\x01", "P-256")
-    return label, pin
 
 
 def test_pin_rotates_under_load_with_no_failed_request(

@@ -13,10 +13,9 @@ import trustme
 
 from proxy.tls.core import TLSStream
 from tests.support import ProxyFactory, RecordingUpstream
-from tests.test_tls_stream import server_context  # noqa: F401 - the same token-key context
 
 
-def test_one_large_send_arrives_whole_while_the_peer_talks(server_context, ca: trustme.CA) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_one_large_send_arrives_whole_while_the_peer_talks(server_context, ca: trustme.CA) -> None:  # type: ignore[no-untyped-def]
     context, _token = server_context
     body = bytes(range(251)) * 12_000  # about 3 MiB, not a multiple of any chunk size
     question = b"are you there?" * 5000

@@ -9,7 +9,6 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -25,11 +24,10 @@ from tests.support import (
     RecordingUpstream,
     client_context,
     dev_ca,
-    free_port,
     https_request,
     issue_chain,
 )
-from tests.support_reload import (
+from tests.support.reload import (
     RELOAD_SETTINGS,
     Load,
     launch,
@@ -37,17 +35,10 @@ from tests.support_reload import (
     replace_file,
     resume,
     serial_of,
-    stop_launched,
     wait_until,
 )
 
 VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
-
-
-@pytest.fixture(autouse=True)
-def stop_proxies() -> Iterator[None]:
-    yield
-    stop_launched()
 
 
 def _write_config(directory: Path, text: str) -> Path:
@@ -250,42 +241,6 @@ def test_reference_form_serves_and_reloads(
 
 
 # --- AWS Secrets Manager through moto -----------------------------------------------------
-
-MOTO_SERVER = REPO / ".venv-moto" / "bin" / "moto_server"
-
-
-@pytest.fixture
-def moto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
-    """A moto server on loopback (from its own virtualenv: deploy/setup.sh --test makes it)."""
-    assert MOTO_SERVER.exists(), f"{MOTO_SERVER} is missing: run deploy/setup.sh --test"
-    port = free_port()
-    with (tmp_path / "moto.log").open("w") as log:
-        process = subprocess.Popen(
-            [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    for variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(variable, raising=False)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise AssertionError(
-                        f"moto server did not start:\n{(tmp_path / 'moto.log').read_text()}"
-                    ) from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 # The same secrets named by the older per-source keys and by the reference form.

@@ -1,5 +1,4 @@
-"""Units of the security modules, without a network: identity headers, admission limits,
-scrubbing and redaction."""
+"""Client identities (proxy/tls/clientauth.py): identity headers and allow-lists."""
 
 from __future__ import annotations
 
@@ -11,8 +10,6 @@ import pytest
 
 from proxy.errors import ConfigError
 from proxy.http.rules import ClientInfo, upstream_request
-from proxy.net.limits import HandshakeLimiter
-from proxy.ops.hardening import forget_secrets, redact_headers, remember_secret, scrub
 from proxy.secrets.store import SecretRef
 from proxy.tls.clientauth import ClientAuthPolicy, ClientIdentity, identity_headers
 
@@ -24,6 +21,7 @@ IDENTITY = ClientIdentity(
     uris=("spiffe://example.org/a,b", "spiffe://example.org/100%"),
     spki_sha256=bytes(range(32)),
 )
+
 
 CA_REF = SecretRef(file=Path("client-ca.pem"), what="client CA bundle")
 
@@ -78,59 +76,3 @@ def test_allow_lists_match_exactly() -> None:
     ).admits(IDENTITY)
     with pytest.raises(ConfigError, match="no client would be admitted"):
         ClientAuthPolicy(mode="require", ca=CA_REF)
-
-
-def test_handshake_limiter_counts_per_client_and_in_total() -> None:
-    now = [0.0]
-    limiter = HandshakeLimiter(max_total=3, max_per_client=2, clock=lambda: now[0])
-    first = limiter.admit("a")
-    second = limiter.admit("a")
-    assert first is not None
-    assert second is not None
-    assert limiter.admit("a") is None
-    third = limiter.admit("b")
-    assert third is not None
-    assert limiter.admit("c") is None  # the total is reached
-    assert limiter.refusal_report() == 2
-    assert limiter.admit("c") is None
-    assert limiter.refusal_report() is None  # not again within the interval
-    now[0] = 11.0
-    assert limiter.refusal_report() == 1
-    first.release()
-    first.release()  # releasing twice frees one slot only
-    assert limiter.in_progress == 2
-    with third:
-        pass
-    assert limiter.admit("c") is not None
-    assert limiter.clients() == 2
-    assert limiter.refused_total == 3
-
-
-def test_scrub_replaces_registered_secrets_and_their_repr_form() -> None:
-    try:
-        remember_secret("s3cr'et-pin")
-        remember_secret("123")  # too short to scrub without destroying logs
-        assert scrub("pin s3cr'et-pin and 's3cr\\'et-pin' and 123") == (
-            "pin [redacted] and '[redacted]' and 123"
-        )
-    finally:
-        forget_secrets()
-
-
-def test_credential_headers_are_redacted() -> None:
-    headers = [
-        (b"Authorization", b"Bearer x"),
-        (b"cookie", b"a=b"),
-        (b"Set-Cookie", b"a=b"),
-        (b"Proxy-Authorization", b"Basic x"),
-        (b"X-Api-Key", b"k"),
-        (b"Accept", b"*/*"),
-    ]
-    assert redact_headers(headers) == [
-        ("Authorization", "[redacted]"),
-        ("cookie", "[redacted]"),
-        ("Set-Cookie", "[redacted]"),
-        ("Proxy-Authorization", "[redacted]"),
-        ("X-Api-Key", "[redacted]"),
-        ("Accept", "*/*"),
-    ]

@@ -27,6 +27,10 @@ RELOAD_SETTINGS = "\n[reload]\nwatch_interval = 0.2\naws_poll_interval = 0.5\n"
 _launched: list[ProxyProcess] = []
 
 
+# The AWS Secrets Manager stand-in, from its own virtualenv (deploy/setup.sh --test makes it).
+MOTO_SERVER = REPO / ".venv-moto" / "bin" / "moto_server"
+
+
 def stop_launched() -> None:
     while _launched:
         _launched.pop().stop()

@@ -31,7 +31,7 @@ from proxy.tls.certificates import DevCA
 TOKEN_LABEL = "proxy"
 TOKEN_PIN = "test-pin-4821"
 SO_PIN = "test-so-pin-9907"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 
 # name -> (label, id, kind)
 KEYS = {
@@ -408,3 +408,7 @@ def https_request(
         name, _, value = line.partition(":")
         parsed[name.strip().lower()] = value.strip()
     return Reply(int(status_line.split()[1]), parsed, payload, version, alpn)
+
+
+# Starts a proxy in front of an upstream URL (the start_proxy fixture of the integration tests).
+StartProxy = Callable[..., ProxyProcess]

@@ -17,13 +17,6 @@ from tests.support import (
 )
 
 
-@pytest.fixture(scope="module")
-def exportable_key(hsm: HSM) -> str:
-    """A key that CAN leave the token (CKA_EXTRACTABLE=true): what custody checks catch."""
-    hsm.add_key("loose", "loose-ec256", b"\x20", "P-256", extractable=True)
-    return "loose"
-
-
 def _check(config: Path) -> tuple[int, dict[str, tuple[str, str]], str]:
     result = run_cli("check", "--config", str(config))
     rows = {}

@@ -72,13 +72,6 @@ def negotiated_group(output: str) -> str | None:
     return None
 
 
-@pytest.fixture
-def ca_file(tmp_path: Path, ca: trustme.CA) -> Path:
-    path = tmp_path / "ca.pem"
-    path.write_bytes(ca.cert_pem.bytes())
-    return path
-
-
 def test_default_policy_is_tls12_and_tls13_with_ecdhe_aead_and_safe_groups(
     proxy_factory: ProxyFactory, ca: trustme.CA, ca_file: Path, upstream: RecordingUpstream
 ) -> None:

@@ -8,8 +8,13 @@ from pathlib import Path
 import trustme
 
 from tests.support import HSM, ProxyFactory, RecordingUpstream, https_request, issue_chain
-from tests.support_reload import RELOAD_SETTINGS, replace_file, wait_until
-from tests.test_mtls import client_auth_table, issue_client_cert, refused, with_client_cert
+from tests.support.mtls import (
+    client_auth_table,
+    issue_client_cert,
+    refused,
+    with_client_cert,
+)
+from tests.support.reload import RELOAD_SETTINGS, replace_file, wait_until
 
 
 def test_a_server_name_with_its_own_certificate_cannot_bypass_client_auth(

@@ -21,7 +21,7 @@ from proxy.secrets.env import EnvSource
 from proxy.secrets.file import FileSource
 from proxy.secrets.reference import SCHEMES, SecretRef, parse_reference
 from proxy.secrets.source import POLL_AWS, POLL_FILES, ReadContext, SecretSource, Watch
-from proxy.secrets.store import SecretStore, read_pin
+from proxy.secrets.store import PinSource, SecretStore, read_pin
 
 BASE = Path("/etc/hsm-proxy")
 
@@ -649,3 +649,39 @@ def test_security_setting_reaches_private_file_references() -> None:
     config = parse_config(data, base=BASE, source="test")
     assert config.token.pin.private
     assert config.tls.session_ticket_keys[0].private
+
+
+def test_pin_file_keeps_everything_but_one_final_line_break(tmp_path: Path) -> None:
+    pin = tmp_path / "pin"
+    for content, expected in [
+        (b"1234\n", "1234"),
+        (b"1234\r\n", "1234"),
+        (b"1234", "1234"),
+        (b" 12 34 \n", " 12 34 "),
+    ]:
+        pin.write_bytes(content)
+        assert read_pin(PinSource(file=pin)) == expected
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\n", "is empty"),
+        (b"12\n\n", "control character (code 10)"),
+        (b"\xff\xfe\n", "not valid UTF-8"),
+    ],
+)
+def test_bad_pin_files_are_refused(tmp_path: Path, content: bytes, message: str) -> None:
+    pin = tmp_path / "pin"
+    pin.write_bytes(content)
+    with pytest.raises(SecretError) as caught:
+        read_pin(PinSource(file=pin))
+    assert message in str(caught.value)
+
+
+def test_pin_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_HSM_PIN", "9876")
+    assert read_pin(PinSource(env="TEST_HSM_PIN")) == "9876"
+    monkeypatch.delenv("TEST_HSM_PIN")
+    with pytest.raises(SecretError, match=r"\$TEST_HSM_PIN is not set"):
+        read_pin(PinSource(env="TEST_HSM_PIN"))
