@@ -17,7 +17,8 @@ from proxy.pkcs11.token import Token
 from proxy.secrets.store import SecretRef
 from proxy.tls.certificates import parse_chain
 from proxy.tls.clientauth import ClientAuthPolicy, load_ca_bundle
-from proxy.tls.core import TLSInfo, TLSStream, build_server_context
+from proxy.tls.context import build_server_context
+from proxy.tls.stream import TLSInfo, TLSStream
 from tests.support import HSM, TOKEN_PIN, issue_chain
 from tests.test_mtls import issue_client_cert
 

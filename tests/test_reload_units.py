@@ -16,7 +16,8 @@ from proxy.errors import ConfigError, LoginError, SecretError
 from proxy.generation.reload import GenerationHolder, build_generation, expiry_warnings
 from proxy.pkcs11.token import Mechanism, SignatureEvent
 from proxy.secrets.store import SecretRef, SecretStore
-from proxy.tls.core import SNIRouter, parse_ticket_key
+from proxy.tls.context import SNIRouter
+from proxy.tls.tickets import parse_ticket_key
 from tests.support import HSM, TOKEN_PIN, dev_ca, write_config
 
 

@@ -13,7 +13,8 @@ import trustme
 from proxy.errors import TLSError
 from proxy.pkcs11.token import Token
 from proxy.tls.certificates import check_key_matches, parse_chain
-from proxy.tls.core import TLSStream, build_server_context
+from proxy.tls.context import build_server_context
+from proxy.tls.stream import TLSStream
 from tests.support import HSM, TOKEN_PIN, issue_chain
 
 

@@ -33,8 +33,9 @@ from proxy.net.sockets import try_connect
 from proxy.pkcs11.token import SignatureObserver, Token, TokenKey
 from proxy.secrets.store import SecretRef, SecretStore, default_store, read_pin
 from proxy.tls.certificates import Chain, check_key_matches
-from proxy.tls.core import TicketKey, build_server_context, parse_ticket_key
-from proxy.tls.keybridge import verify_shared_libcrypto
+from proxy.tls.context import build_server_context
+from proxy.tls.keys import verify_shared_libcrypto
+from proxy.tls.tickets import TicketKey, parse_ticket_key
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 T = TypeVar("T")

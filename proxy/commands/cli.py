@@ -424,7 +424,7 @@ def _security_checks(path: Path) -> list[Row]:
     from proxy.commands.check import FAIL, OK, Row
     from proxy.generation.reload import _client_auth, load_chain_secret
     from proxy.secrets.store import default_store
-    from proxy.tls.keybridge import verify_shared_libcrypto
+    from proxy.tls.keys import verify_shared_libcrypto
     from proxy.tls.ocsp import check_ocsp_response
 
     try:
@@ -450,7 +450,7 @@ def _security_checks(path: Path) -> list[Row]:
 
 
 def _security_rows(config: ProxyConfig) -> list[tuple[str, str]]:
-    from proxy.tls.core import key_exchange_groups
+    from proxy.tls.context import key_exchange_groups
 
     rows = [
         (

@@ -49,16 +49,10 @@ from proxy.pkcs11.token import SignatureObserver, Token, TokenKey
 from proxy.secrets.store import SecretRef, SecretStore, default_store, read_pin
 from proxy.tls.certificates import Chain, check_key_matches, parse_chain, validate_chain
 from proxy.tls.clientauth import ClientAuthPolicy, load_ca_bundle
-from proxy.tls.core import (
-    TicketKey,
-    TLSPolicy,
-    attach_sni_routes,
-    build_server_context,
-    install_ticket_keys,
-    parse_ticket_key,
-)
-from proxy.tls.keybridge import verify_shared_libcrypto
+from proxy.tls.context import TLSPolicy, attach_sni_routes, build_server_context
+from proxy.tls.keys import verify_shared_libcrypto
 from proxy.tls.ocsp import check_ocsp_response
+from proxy.tls.tickets import TicketKey, install_ticket_keys, parse_ticket_key
 
 if TYPE_CHECKING:  # only tls.py and keybridge.py touch OpenSSL; this is a type name
     from OpenSSL import SSL
