@@ -114,5 +114,5 @@ if [ "$with_tests" = 1 ]; then
 fi
 
 # The proxy checks this at start-up too; failing here names the cause at install time.
-"$venv/bin/python" -m proxy.tls.keybridge --verify >/dev/null || die "pyOpenSSL in $venv does not use the system OpenSSL (see the message above)"
+"$venv/bin/python" -m proxy.tls.keys --verify >/dev/null || die "pyOpenSSL in $venv does not use the system OpenSSL (see the message above)"
 say "ready: $venv/bin/hsm-proxy"

@@ -243,7 +243,7 @@ def _process_model() -> ProcessModel:
     """What this process is among workers: a worker gets the supervisor's ticket key."""
     from proxy.generation.model import ProcessModel
     from proxy.net.workers import inherited_ticket_key
-    from proxy.tls.core import parse_ticket_key
+    from proxy.tls.tickets import parse_ticket_key
 
     shared = inherited_ticket_key()
     if shared is None:

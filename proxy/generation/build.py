@@ -36,7 +36,7 @@ from proxy.generation.steps import (
 )
 from proxy.pkcs11.keys import SignatureObserver
 from proxy.secrets.store import SecretStore, default_store
-from proxy.tls.core import attach_sni_routes
+from proxy.tls.context import attach_sni_routes
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from proxy.config import ProxyConfig
 from proxy.pkcs11.token import Token, TokenKey
 from proxy.tls.certificates import Chain
-from proxy.tls.core import TicketKey
+from proxy.tls.tickets import TicketKey
 
 if TYPE_CHECKING:  # only tls/ touches OpenSSL; this is a type name
     from OpenSSL import SSL

@@ -47,16 +47,10 @@ from proxy.pkcs11.uri import KeyURI
 from proxy.secrets.store import SecretRef, SecretStore, read_pin
 from proxy.tls.certificates import Chain, check_key_matches, parse_chain, validate_chain
 from proxy.tls.clientauth import ClientAuthPolicy, load_ca_bundle
-from proxy.tls.core import (
-    TicketKey,
-    TLSPolicy,
-    build_server_context,
-    install_ticket_keys,
-    key_exchange_groups,
-    parse_ticket_key,
-)
-from proxy.tls.keybridge import verify_shared_libcrypto
+from proxy.tls.context import TLSPolicy, build_server_context, key_exchange_groups
+from proxy.tls.keys import verify_shared_libcrypto
 from proxy.tls.ocsp import check_ocsp_response
+from proxy.tls.tickets import TicketKey, install_ticket_keys, parse_ticket_key
 
 if TYPE_CHECKING:  # only tls/ touches OpenSSL; this is a type name
     from OpenSSL import SSL

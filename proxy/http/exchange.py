@@ -59,7 +59,7 @@ from proxy.net.pipeline import Client, ClientGone, ServerState
 from proxy.ops.admin import Metrics
 from proxy.ops.hardening import redact_headers
 from proxy.ops.logs import access_log, connection_context, log
-from proxy.tls.core import LINGER_SECONDS, CloseMode, TLSInfo, TLSStream
+from proxy.tls.stream import LINGER_SECONDS, CloseMode, TLSInfo, TLSStream
 
 _RECEIVE_SIZE = 65536
 

@@ -40,7 +40,7 @@ from proxy.net.limits import HandshakeLimiter, HandshakeSlot
 from proxy.net.sockets import TCPStream
 from proxy.ops.admin import Metrics
 from proxy.ops.logs import connection_context, log
-from proxy.tls.core import CloseMode, TLSInfo, TLSStream
+from proxy.tls.stream import CloseMode, TLSInfo, TLSStream
 
 HTTP1 = "http/1.1"
 

@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.errors import CertificateError, KeyMismatchError, SigningError
 from proxy.pkcs11.keys import Mechanism
-from proxy.tls.keybridge import KeySigner
+from proxy.tls.keys import KeySigner
 
 # DigestInfo prefix for SHA-256 (RFC 8017, section 9.2, note 1): CKM_RSA_PKCS signs it as is.
 _SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")

@@ -2,7 +2,7 @@
 what the upstream is told about it.
 
 Theory of operation. OpenSSL verifies the client's chain against the configured CA bundle
-(tls.py installs the bundle and calls back here). This module works on the verified leaf as
+(verify.py installs the bundle and calls back here). This module works on the verified leaf as
 a ``cryptography`` certificate and knows nothing of sockets or OpenSSL:
 
 * :func:`load_ca_bundle` parses and checks a PEM bundle of client CAs (bytes from any

@@ -7,7 +7,7 @@ writes the response to a file or a secret; each generation reads it and checks i
 exactly: it parses, its status is ``successful``, it answers for the served leaf
 certificate (serial and issuer), the certificate is ``good`` (a revoked certificate is
 never served with a staple saying so), and it is current (this_update is past,
-next_update, when present, is future). tls.py staples the bytes unchanged.
+next_update, when present, is future). context.py staples the bytes unchanged.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from proxy.pkcs11.token import Token
 from proxy.secrets.store import SecretRef
 from proxy.tls.certificates import check_key_matches, parse_chain
 from proxy.tls.clientauth import ClientAuthPolicy, load_ca_bundle
-from proxy.tls.core import build_server_context
+from proxy.tls.context import build_server_context
 from tests.support import (
     HSM,
     TOKEN_PIN,

@@ -19,7 +19,7 @@ from proxy.generation.model import Generation, ProcessModel
 from proxy.generation.steps import MISSING, STEPS, judge_custody
 from proxy.pkcs11.keys import SignatureEvent
 from proxy.pkcs11.token import Token
-from proxy.tls.core import parse_ticket_key
+from proxy.tls.tickets import parse_ticket_key
 from tests.support import HSM, issue_chain, write_config
 
 

@@ -13,7 +13,7 @@ import trustme
 
 from proxy.errors import TLSError
 from proxy.secrets.store import SecretRef
-from proxy.tls.core import TLSInfo, TLSStream
+from proxy.tls.stream import TLSInfo, TLSStream
 
 CA_REF = SecretRef(file=Path("client-ca.pem"), what="client CA bundle")
 

@@ -18,7 +18,8 @@ from proxy.generation.holder import GenerationHolder
 from proxy.generation.model import expiry_warnings
 from proxy.pkcs11.keys import Mechanism, SignatureEvent
 from proxy.secrets.store import SecretRef, SecretStore
-from proxy.tls.core import SNIRouter, parse_ticket_key
+from proxy.tls.context import SNIRouter
+from proxy.tls.tickets import parse_ticket_key
 from tests.support import HSM, TOKEN_PIN, dev_ca, write_config
 
 

@@ -11,7 +11,7 @@ import OpenSSL
 import pytest
 import trustme
 
-from proxy.tls.keybridge import verify_shared_libcrypto
+from proxy.tls.keys import verify_shared_libcrypto
 from tests.support import HSM, REPO, RecordingUpstream, write_config
 
 DEBIAN_SITE = "/usr/lib/python3/dist-packages/"

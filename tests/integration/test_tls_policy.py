@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from proxy.tls.core import POST_QUANTUM_GROUP, key_exchange_groups, post_quantum_available
+from proxy.tls.context import POST_QUANTUM_GROUP, key_exchange_groups, post_quantum_available
 from tests.support import (
     HSM,
     ProxyFactory,

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 import trustme
 
-from proxy.tls.core import TLSStream
+from proxy.tls.stream import TLSStream
 from tests.support import ProxyFactory, RecordingUpstream
 
 

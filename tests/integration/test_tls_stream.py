@@ -11,7 +11,7 @@ import trio.testing
 import trustme
 
 from proxy.errors import TLSError
-from proxy.tls.core import TLSStream
+from proxy.tls.stream import TLSStream
 
 
 def _pair(server_context, ca: trustme.CA):  # type: ignore[no-untyped-def]
