@@ -487,7 +487,3 @@ def verify_shared_libcrypto() -> str:
     Returns the OpenSSL version string; raises :class:`SystemOpenSSLError` with the fix.
     """
     return binding.verify_shared_libcrypto()
-
-
-if __name__ == "__main__":  # the check moved to the seam; never let the old command pass silently
-    raise SystemExit("hsm-proxy: the check is now `python -m proxy.tls.keys --verify`")
