@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent install of hsm-proxy into ./.venv on Debian 12 (bookworm) or 13 (trixie).
 #
-# Why it looks like this (see DESIGN.md, decision 1): the TLS key bridge only works when
+# Why it looks like this (see docs/ARCHITECTURE.md, decision 1): the TLS key bridge only works when
 # pyOpenSSL and cryptography link the system libssl.so.3, which is true of Debian's
 # python3-openssl / python3-cryptography and false of the PyPI wheels. So the venv is made
 # from the system Python with --system-site-packages, and pip is constrained to the exact
@@ -34,7 +34,7 @@ die() { say "error: $*"; exit 1; }
 case "${ID:-}:${VERSION_ID:-}" in
   debian:12|debian:13) ;;
   debian:*) die "Debian ${VERSION_ID:-unknown} is not supported (supported: Debian 12 bookworm, Debian 13 trixie)" ;;
-  *) die "${PRETTY_NAME:-this system} is not supported: hsm-proxy needs Debian 12 or 13, whose python3-openssl links the system OpenSSL 3 (DESIGN.md, decision 1)" ;;
+  *) die "${PRETTY_NAME:-this system} is not supported: hsm-proxy needs Debian 12 or 13, whose python3-openssl links the system OpenSSL 3 (docs/ARCHITECTURE.md, decision 1)" ;;
 esac
 
 packages=(python3 python3-venv python3-dev python3-openssl python3-cryptography python3-cffi

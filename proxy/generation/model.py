@@ -1,6 +1,6 @@
 """What a generation is: the values a build makes, and what the process hands every build.
 
-Theory of operation (DESIGN.md, decision 5). A :class:`Generation` is everything derived
+Theory of operation (docs/ARCHITECTURE.md, decision 5). A :class:`Generation` is everything derived
 from secrets, complete and checked before anything serves it: the logged-in token, the
 default certificate's key, chain and SSL context, one :class:`Site` per ``[[tls.sni]]``
 certificate (chosen by SNI from the default context), and the session-ticket keys

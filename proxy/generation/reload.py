@@ -1,6 +1,6 @@
 """The reloader: triggers, then build, validate and swap; the old generation stays on failure.
 
-Theory of operation (DESIGN.md, decision 5). The :class:`Reloader` runs in the server's
+Theory of operation (docs/ARCHITECTURE.md, decision 5). The :class:`Reloader` runs in the server's
 nursery. Triggers: SIGHUP, a change of any secret it watches (files by ``stat``, looked at
 on inotify events through watchfiles and every ``watch_interval`` in any case; AWS secrets
 by their ``AWSCURRENT`` version every ``aws_poll_interval``), and :meth:`Reloader.reload`

@@ -1,6 +1,6 @@
 """HTTP forwarding rules, sans-IO, on h11 events.
 
-Theory of operation (DESIGN.md, decision 4). The proxy holds an ``h11.Connection(SERVER)``
+Theory of operation (ARCHITECTURE.md, decision 4). The proxy holds an ``h11.Connection(SERVER)``
 towards the client and an ``h11.Connection(CLIENT)`` towards the upstream; h11 owns the
 wire format and framing. This module owns what a reverse proxy must change on the way
 through, and nothing else: it takes h11 events and returns h11 events, never touches a

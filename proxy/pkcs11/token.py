@@ -7,7 +7,7 @@ if there is one (login.py), and keeps a small pool of plain sessions.
 signs, nothing that leaks.
 
 ``Token.sign`` is synchronous and thread-safe: it is called from OpenSSL's key callbacks,
-inside a handshake step that runs in a worker thread (DESIGN.md, decision 3). It borrows a
+inside a handshake step that runs in a worker thread (ARCHITECTURE.md, decision 3). It borrows a
 session from the pool, signs with the key object found in that session, and returns the
 session. Object handles are looked up once per session and cached.
 

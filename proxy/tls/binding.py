@@ -1,6 +1,6 @@
 """The project's one binding of the system libssl.so.3 / libcrypto.so.3, beside pyOpenSSL's.
 
-Theory of operation. pyOpenSSL (Debian's, on the shared system OpenSSL: DESIGN.md, decision
+Theory of operation. pyOpenSSL (Debian's, on the shared system OpenSSL: ARCHITECTURE.md, decision
 1) drives contexts and connections, but it has no API for a few things the proxy needs: a
 token-backed private key (keybridge.py), session-ticket keys (tickets.py), the key-exchange
 group list and the negotiated group, whether a session resumed, and the pending-byte counts

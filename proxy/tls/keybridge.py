@@ -1,7 +1,7 @@
 """The legacy key-method backend: an OpenSSL private key whose every operation is a token
 signature. The one :class:`~proxy.tls.keys.KeyBackend` today (keys.py chooses it).
 
-Theory of operation (DESIGN.md, decision 2). OpenSSL 3 treats an ``EVP_PKEY`` whose
+Theory of operation (docs/ARCHITECTURE.md, decision 2). OpenSSL 3 treats an ``EVP_PKEY`` whose
 ``EC_KEY`` or ``RSA`` carries a custom method as a "foreign" legacy key, and routes each
 private-key operation of a handshake to that method. We build such a key from the
 certificate's *public* key, give it a method whose signing slot calls back into Python,

@@ -1,7 +1,7 @@
 """The key-backend seam: what the TLS package needs of a private key that lives in the token.
 
 Theory of operation. A served context needs a private key that OpenSSL can use and that
-never leaves the token (DESIGN.md, decision 2). How that key is made is a backend's
+never leaves the token (docs/ARCHITECTURE.md, decision 2). How that key is made is a backend's
 business; the rest of the package (context.py, stream.py) asks only for what
 :class:`KeyBackend` lists:
 
@@ -11,7 +11,7 @@ business; the rest of the package (context.py, stream.py) asks only for what
 * ``pop_signed`` and ``pop_signing_error``: after a handshake step, whether the token
   signed in this thread, and why a token signature failed (the handshake's error message);
 * ``verify_shared_libcrypto``: the start-up proof that the backend and pyOpenSSL work on the
-  same system OpenSSL (DESIGN.md, decision 1).
+  same system OpenSSL (docs/ARCHITECTURE.md, decision 1).
 
 :data:`BACKEND` is chosen here and only here; its operations are also bound to plain
 module names (``pop_signed`` and the rest), so the handshake path calls a backend function

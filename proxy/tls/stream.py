@@ -14,7 +14,7 @@ transport stream, in the manner of trio's own ``_ssl.py``:
 
 Handshake steps run in a worker thread (``trio.to_thread.run_sync``) bounded by a
 ``CapacityLimiter`` sized to the token's session pool: a step may call back into the token
-to sign (DESIGN.md, decision 3), and a slow token must not freeze the event loop. Once the
+to sign (ARCHITECTURE.md, decision 3), and a slow token must not freeze the event loop. Once the
 token has signed for a handshake (the key backend's ``pop_signed``, keys.py), its remaining
 steps leave the limiter to the handshakes still waiting. When ``max_waiting`` handshakes
 already wait for the limiter, a new one is refused at once (a bounded queue instead of a

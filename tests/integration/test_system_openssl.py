@@ -1,4 +1,4 @@
-"""The key bridge needs pyOpenSSL on the system OpenSSL (DESIGN.md, decision 1): check that
+"""The key bridge needs pyOpenSSL on the system OpenSSL (ARCHITECTURE.md, decision 1): check that
 the venv really uses Debian's packages, and that a shadowing PyPI wheel is caught clearly."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HTTP forwarding rules without a network (DESIGN.md, decision 4): h11 events in,
+"""The HTTP forwarding rules without a network (docs/ARCHITECTURE.md, decision 4): h11 events in,
 h11 events and decisions out. Plus the [http], [upstreams] and [[routes]] config."""
 
 from __future__ import annotations
