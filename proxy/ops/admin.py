@@ -4,7 +4,7 @@ Theory of operation. :class:`Metrics` owns one prometheus-client registry per se
 the library's global one, so that tests and embedded uses stay independent) and offers a
 few methods that the server calls where things happen: a connection opens or closes, a
 handshake ends, a request is answered, an upstream fails, a generation is installed, a
-reload ends (``reload_finished``, for reload.py). Token signatures reach it through the
+reload ends (``reload_finished``, for generation/reload.py). Token signatures reach it through the
 token's :data:`SignatureObserver`, beside the audit log (:meth:`Metrics.observe_signature`).
 
 :class:`Readiness` answers "should this instance get traffic?". It is ready when a test
@@ -14,11 +14,11 @@ token flips it at once), the served certificate is within its validity dates, an
 upstream accepted a TCP connection at the last probe. :meth:`Readiness.add_check` is the
 seam for more conditions (token health from the token layer, routes, ...).
 
-:class:`AdminEndpoint` is sans-IO, like http.py: it maps a request's method and path to a
-status, headers and body (``/healthz``, ``/readyz``, ``/metrics``). The admin listener's
-sockets live in server.py, which owns every socket the proxy listens on; the probes that
-need the token or the network (:func:`probe_token` in a worker thread, the upstream
-connection in server.py) report here.
+:class:`AdminEndpoint` is sans-IO, like http/rules.py: it maps a request's method and path
+to a status, headers and body (``/healthz``, ``/readyz``, ``/metrics``). The admin
+listener is net/server.py's and its HTTP side http/admin.py's; the probes that need the
+token or the network (net/readiness.py: :func:`sign_probes` in a worker thread, a TCP
+connection to each upstream group) report here.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ class Metrics:
         self.upstream_errors.labels(kind or "other").inc()
 
     def reload_finished(self, ok: bool) -> None:
-        """For reload.py: count one reload attempt (the old generation stays on failure)."""
+        """For the reloader: count one reload attempt (the old generation stays on failure)."""
         self.reloads.labels("ok" if ok else "failed").inc()
 
     def generation_installed(self, number: int, served: Sequence[ServedCertificate]) -> None:

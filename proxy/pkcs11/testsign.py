@@ -5,7 +5,7 @@ TLS handshake does (CKM_ECDSA on the digest for EC keys, CKM_RSA_PKCS on a Diges
 RSA keys); it touches no certificate object, so it can run in a worker thread while other
 threads use the certificates (cryptography's objects are not safe to share between
 threads). :func:`verifies` checks the signature against a public key (DER or object) in
-the caller's thread. The readiness probe (admin.py) and ``hsm-proxy doctor`` use both.
+the caller's thread. The readiness probe (net/readiness.py) and ``hsm-proxy doctor`` use both.
 """
 
 from __future__ import annotations

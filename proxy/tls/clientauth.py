@@ -14,7 +14,7 @@ a ``cryptography`` certificate and knows nothing of sockets or OpenSSL:
   nobody is admitted unless ``allow_any`` says so explicitly.
 * :func:`identity_headers` is what the upstream receives. Every client-sent header whose
   name starts with ``X-Client-Cert-`` (and Envoy's ``X-Forwarded-Client-Cert``) is removed
-  from the request first (http.py), so a client can never forge an identity.
+  from the request first (http/rules.py), so a client can never forge an identity.
 """
 
 from __future__ import annotations
