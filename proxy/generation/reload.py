@@ -190,11 +190,18 @@ def build_generation(
         # Every context of the listener gets its TLS policy and client-auth rules, so no
         # server name can be reached around them; the OCSP staple is the default chain's.
         policy = cast(TLSPolicy, config.tls.policy)  # config.py checked the name
+        alpn, alpn_required = config.alpn_offer()  # the protocols of the default upstream
         context = build_server_context(
-            chain, key, policy=policy, client_auth=client_auth, ocsp_response=ocsp
+            chain,
+            key,
+            policy=policy,
+            client_auth=client_auth,
+            ocsp_response=ocsp,
+            alpn=alpn,
+            alpn_required=alpn_required,
         )
         sites = tuple(
-            build_site(token, site, site_chain, policy, client_auth)
+            build_site(token, site, site_chain, policy, client_auth, config.alpn_offer(site))
             for site, site_chain in site_chains
         )
         for site in sites:
@@ -236,6 +243,7 @@ def build_site(
     chain: Chain,
     policy: TLSPolicy = "intermediate",
     client_auth: ClientAuthPolicy | None = None,
+    alpn: tuple[tuple[bytes, ...], bool] = ((b"http/1.1",), False),  # ProxyConfig.alpn_offer
 ) -> Site:
     if site.key.token is not None and site.key.token != token.label:
         raise ConfigError(
@@ -250,7 +258,9 @@ def build_site(
             f"{site.certificate.describe()}: the certificate has no DNS name; list the "
             "server names it serves in names = [...]"
         )
-    context = build_server_context(chain, key, policy=policy, client_auth=client_auth)
+    context = build_server_context(
+        chain, key, policy=policy, client_auth=client_auth, alpn=alpn[0], alpn_required=alpn[1]
+    )
     return Site(names, key, chain, context)
 
 
