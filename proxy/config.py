@@ -825,16 +825,17 @@ def _parse_tcp(table: _Table) -> TCPConfig:
 
 
 def _alpn_list(table: _Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    """ALPN protocol IDs (RFC 7301): 1 to 255 bytes of printable ASCII each, no repeats."""
+    """ALPN protocol IDs (RFC 7301): 1 to 255 printable ASCII characters each, no spaces,
+    no repeats."""
     if key not in table._data:
         table._known.append(key)
         return default
     names = _string_list(table, key)
     for name in names:
-        if not name.isascii() or not name.isprintable() or len(name) > 255:
+        if not name.isascii() or not name.isprintable() or " " in name or len(name) > 255:
             raise ConfigError(
                 f"{table._name(key)}: {name!r} is not an ALPN protocol ID (1 to 255 printable "
-                'ASCII characters, such as "h2" or "http/1.1")'
+                'ASCII characters without spaces, such as "h2" or "http/1.1")'
             )
     if len(set(names)) != len(names):
         raise ConfigError(f"{table._name(key)}: a protocol is listed twice in {names}")

@@ -177,3 +177,32 @@ def tcp_setup(
             pp_upstream,
             http_upstream,
         )
+
+
+@pytest.fixture
+def byte_upstream() -> Iterator[ScriptedUpstream]:
+    """The scripted byte upstream of the TCP tests (support_tcp.bytes_handler)."""
+    server = ScriptedUpstream(bytes_handler)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tcp_proxy(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, byte_upstream: ScriptedUpstream
+) -> Iterator[ProxyFactory]:
+    """Starts a proxy whose top-level upstream is tcp:// to ``byte_upstream``:
+    ``tcp_proxy(extra="[http]\\nshutdown_grace = 3\\n")``."""
+    started: list[ProxyProcess] = []
+
+    def start(**overrides: Any) -> ProxyProcess:
+        url = f"tcp://127.0.0.1:{byte_upstream.port}"
+        process = ProxyProcess.start(tmp_path, hsm, ca, url, "ec256", **overrides)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

@@ -7,11 +7,14 @@ one listener serves both protocols, chosen by the server name's site."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import pytest
@@ -19,7 +22,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from tests.support import client_context, https_request
+from tests.support import ProxyFactory, client_context, https_request
 from tests.support_http import wait_until
 from tests.support_operating import admin_url, scrape, value
 from tests.support_tcp import BLOCK, Aborted, TCPSetup, TLSClient, pattern_digest
@@ -341,3 +344,60 @@ def test_tunnel_metrics_count_bytes_by_direction_and_open_tunnels(
     assert grew("hsm_proxy_tcp_bytes_total", direction="up") == 1005
     assert grew("hsm_proxy_tcp_bytes_total", direction="down") == 1000
     assert grew("hsm_proxy_tcp_connections_total", closed_by="client") == 1
+
+
+# --- limits and shutdown (a proxy of their own) ------------------------------------------------
+
+
+def test_sigterm_drain_keeps_open_tunnels_for_the_grace_then_closes_them(
+    tcp_proxy: ProxyFactory, ca: trustme.CA
+) -> None:
+    proxy = tcp_proxy(extra="\n[http]\nshutdown_grace = 3\n")
+    with TLSClient(proxy.port, tls_context(ca), "localhost") as client:
+        client.send(b"ECHO\nbefore")
+        assert client.receive() == b"before"
+        proxy.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        proxy.wait_for_log(lambda entry: "received SIGTERM" in entry.get("message", ""))
+        # New connections are refused: the listeners are closed ...
+        wait_until(lambda: _refused(proxy.port))
+        # ... while the open tunnel keeps relaying within the grace period.
+        client.send(b"during the grace")
+        assert client.receive() == b"during the grace"
+        with contextlib.suppress(Aborted):  # cancelled: a close_notify, or a cut record
+            client.receive_until_end()
+        assert 2.5 < time.monotonic() - signalled < 9
+    entry = proxy.wait_for_log(lambda entry: entry.get("message") == "tunnel")
+    assert entry["closed_by"] == "drain"
+    assert proxy.process.wait(timeout=10) == 0
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_max_connections_counts_tunnels(tcp_proxy: ProxyFactory, ca: trustme.CA) -> None:
+    proxy = tcp_proxy(extra="\n[http]\nmax_connections = 1\n")
+    second: list[TLSClient] = []
+    with TLSClient(proxy.port, tls_context(ca), "localhost") as first:
+        first.send(b"ECHO\nfirst")
+        assert first.receive() == b"first"
+        # The second connection waits in the listen backlog: no handshake while the first
+        # tunnel is open.
+        waiting = threading.Thread(
+            target=lambda: second.append(TLSClient(proxy.port, tls_context(ca), "localhost"))
+        )
+        waiting.start()
+        time.sleep(1.0)
+        assert not second
+        first.close_write()
+        assert first.receive_until_end() == b""
+    waiting.join(timeout=10)
+    assert second, "the second connection was never served"
+    with second[0] as client:
+        client.send(b"ECHO\nsecond")
+        assert client.receive() == b"second"

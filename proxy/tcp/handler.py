@@ -95,8 +95,10 @@ class TCPHandler:
                 return await tunnel.run(upstream, group, config, metrics)
             finally:
                 upstream.close()
-        except trio.Cancelled:
-            if client.server.draining:
+        except BaseException as exc:
+            if not _cancellation(exc):
+                tunnel.end("error", f"unexpected error: {exc!r}")  # the pipeline logs it
+            elif client.server.draining:
                 tunnel.end("drain", "open when the shutdown grace (http.shutdown_grace) ran out")
             else:
                 tunnel.end("error", "cancelled")
@@ -131,6 +133,14 @@ class TCPHandler:
         raise _Unreachable(f"upstream {group.name}: {'; '.join(failures)}")
 
 
+def _cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is trio's cancellation, alone or as the relay's tasks raised it (an
+    exception group of nothing but ``Cancelled``)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
+
+
 class _Tunnel:
     """One client connection's tunnel: its counters and its access line."""
 
@@ -140,7 +150,7 @@ class _Tunnel:
         self.upstream = "-"
         self.relay: Relay | None = None
         self.closed_by = "error"
-        self.reason = "unexpected error"
+        self.reason = "not ended"  # every way out of serve() says how it ended
 
     def end(self, closed_by: str, reason: str) -> None:
         self.closed_by, self.reason = closed_by, reason
