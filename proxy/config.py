@@ -43,6 +43,19 @@ Example (the README documents every key)::
     hosts = ["api.example.com"]
     path_prefix = "/v1"
     upstream = "api"
+
+    [[tls.sni]]                               # a server name with its own upstream group
+    certificate = "/etc/hsm-proxy/redis.pem"
+    key = "pkcs11:token=proxy;object=redis-key;type=private"
+    upstream = "redis"
+
+    [upstreams.redis]                         # TCP passthrough: the decrypted bytes, relayed
+    servers = ["tcp://10.0.0.21:6379"]
+    proxy_protocol = "v2"                     # overrides [tcp]; so may alpn
+
+    [tcp]                                     # TCP passthrough timeouts and defaults
+    idle_timeout = 3600.0
+    alpn = []
 """
 
 from __future__ import annotations

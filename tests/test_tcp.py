@@ -119,7 +119,7 @@ def test_a_client_offering_only_http11_to_an_h2_upstream_is_refused(
     tcp_setup: TCPSetup, ca: trustme.CA
 ) -> None:
     with pytest.raises(ssl.SSLError, match="no application protocol"):
-        connect(tcp_setup, ca, "grpc", alpn=["http/1.1"])
+        connect(tcp_setup, ca, "grpc", alpn=["http/1.1"]).close()
     # The same listener still serves HTTP (and http/1.1) for localhost.
     reply = https_request(tcp_setup.proxy.port, client_context(ca), path="/still-http")
     assert reply.status == 200

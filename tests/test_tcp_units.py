@@ -236,14 +236,15 @@ def test_relay_carries_half_closes_both_ways_and_counts_bytes() -> None:
         moved: list[tuple[Side, int]] = []
         relay = Relay(client_side, upstream_side, 10, on_moved=lambda *m: moved.append(m))
         ended: list[RelayEnd] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_run_into, relay, ended)
-            await client.send_all(b"request")
-            await client.send_eof()  # the client is done talking ...
-            assert await _read_to_end(upstream) == b"request"  # ... the upstream hears the end
-            await upstream.send_all(b"answer after your end")  # and still answers
-            await upstream.send_eof()
-            assert await _read_to_end(client) == b"answer after your end"
+        with trio.fail_after(5):  # a relay that loses a half-close never ends
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_run_into, relay, ended)
+                await client.send_all(b"request")
+                await client.send_eof()  # the client is done talking ...
+                assert await _read_to_end(upstream) == b"request"  # ... the upstream hears it
+                await upstream.send_all(b"answer after your end")  # and still answers
+                await upstream.send_eof()
+                assert await _read_to_end(client) == b"answer after your end"
         assert (ended[0].closed_by, ended[0].broken) == ("client", None)
         assert (relay.bytes_up, relay.bytes_down) == (7, 21)
         assert moved == [(Side.CLIENT, 7), (Side.UPSTREAM, 21)]
