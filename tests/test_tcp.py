@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import re
 import shutil
 import signal
 import socket
@@ -16,14 +18,16 @@ import ssl
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from tests.support import ProxyFactory, client_context, https_request
-from tests.support_http import wait_until
+from proxy.pytest_plugin import stop_process
+from tests.support import REPO, ProxyFactory, client_context, https_request, proxy_command
+from tests.support_http import ScriptedUpstream, wait_until
 from tests.support_operating import admin_url, scrape, value
 from tests.support_tcp import BLOCK, Aborted, TCPSetup, TLSClient, pattern_digest
 from tests.test_mtls import issue_client_cert
@@ -173,11 +177,13 @@ def test_one_gib_each_way_byte_exact_with_bounded_memory(
 
 
 @pytest.mark.parametrize("how", ["close_notify", "fin"])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
 def test_the_client_half_closes_and_still_receives(
-    tcp_setup: TCPSetup, ca: trustme.CA, how: str
+    tcp_setup: TCPSetup, ca: trustme.CA, how: str, version: ssl.TLSVersion
 ) -> None:
     since = len(tcp_setup.proxy.lines())
-    with connect(tcp_setup, ca, "bytes") as client:
+    context = client_context(ca, version, alpn=[])
+    with TLSClient(tcp_setup.proxy.port, context, "bytes.test") as client:
         client.send(b"AFTER-EOF\nlast words")
         if how == "close_notify":
             client.close_write()
@@ -191,9 +197,13 @@ def test_the_client_half_closes_and_still_receives(
     assert entry["bytes_down"] == len(b"got last words")
 
 
-def test_the_upstream_half_closes_and_still_receives(tcp_setup: TCPSetup, ca: trustme.CA) -> None:
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+def test_the_upstream_half_closes_and_still_receives(
+    tcp_setup: TCPSetup, ca: trustme.CA, version: ssl.TLSVersion
+) -> None:
     since = len(tcp_setup.proxy.lines())
-    with connect(tcp_setup, ca, "bytes") as client:
+    context = client_context(ca, version, alpn=[])
+    with TLSClient(tcp_setup.proxy.port, context, "bytes.test") as client:
         client.send(b"HALF\n")
         # The upstream's FIN arrives as close_notify (receive says b"", no SSLEOFError) ...
         assert client.receive_until_end() == b"bye"
@@ -401,3 +411,32 @@ def test_max_connections_counts_tunnels(tcp_proxy: ProxyFactory, ca: trustme.CA)
     with second[0] as client:
         client.send(b"ECHO\nsecond")
         assert client.receive() == b"second"
+
+
+def test_dev_mode_relays_to_a_tcp_upstream(tmp_path: Path, byte_upstream: ScriptedUpstream) -> None:
+    state, log = tmp_path / "state", tmp_path / "dev.log"
+    env = {key: value for key, value in os.environ.items() if key != "SOFTHSM2_CONF"}
+    upstream = f"tcp://127.0.0.1:{byte_upstream.port}"
+    command = proxy_command("dev", "--state-dir", str(state), "--listen", "127.0.0.1:0")
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [*command, "--upstream", upstream],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env=env,
+        )
+    try:
+        pattern = r"openssl s_client -CAfile \S+ -connect localhost:(\d+)"
+        wait_until(lambda: re.search(pattern, log.read_text()) is not None, timeout=60)
+        match = re.search(pattern, log.read_text())
+        assert match is not None
+        assert f"upstream: {upstream}" in log.read_text()
+        context = ssl.create_default_context(cafile=str(state / "ca.pem"))
+        with TLSClient(int(match.group(1)), context, "localhost") as client:
+            client.send(b"ECHO\nthrough dev mode")
+            assert client.receive() == b"through dev mode"
+    finally:
+        stop_process(process)
+    assert process.returncode == 0
