@@ -159,12 +159,17 @@ class _Tunnel:
         self, upstream: TCPStream, group: UpstreamGroup, config: ProxyConfig, metrics: Metrics
     ) -> CloseMode:
         if group.proxy_protocol == "v2":
+            addresses = self._client_addresses()
+            if addresses is None:
+                self.end("client", "the client left before its tunnel opened")
+                return CloseMode.ABORT
             try:
-                source, destination = self._client_addresses()
-                await upstream.send_all(encode_v2(source, destination, self.client.tls))
+                header = encode_v2(*addresses, self.client.tls)
             except ValueError as exc:  # a client certificate too large for the header
                 self.end("error", f"PROXY protocol header: {exc}")
                 return CloseMode.ABORT
+            try:
+                await upstream.send_all(header)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.end("upstream", f"upstream broke the connection: {exc}")
                 return CloseMode.ABORT
@@ -186,15 +191,16 @@ class _Tunnel:
             return CloseMode.ABORT
         return CloseMode.CLOSE_NOTIFY
 
-    def _client_addresses(self) -> tuple[tuple[str, int], tuple[str, int]]:
-        """The client's address and the one it connected to, for the PROXY header."""
+    def _client_addresses(self) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """The client's address and the one it connected to, for the PROXY header; None
+        when the client is gone (its socket no longer has a peer)."""
         transport = self.client.stream.transport
-        if not isinstance(transport, TCPStream):
-            raise trio.ClosedResourceError("the client stream is not a TCP connection")
+        if not isinstance(transport, TCPStream):  # the pipeline always gives a TCP stream
+            return None
         try:
             return transport.addresses()
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"the client is gone: {exc}") from exc
+        except OSError:
+            return None
 
     def log(self, metrics: Metrics) -> None:
         metrics.tcp_connection_ended(self.closed_by)
