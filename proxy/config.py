@@ -48,6 +48,19 @@ Example (the README documents every key)::
     hosts = ["api.example.com"]
     path_prefix = "/v1"
     upstream = "api"
+
+    [[tls.sni]]                               # a server name with its own upstream group
+    certificate = "/etc/hsm-proxy/redis.pem"
+    key = "pkcs11:token=proxy;object=redis-key;type=private"
+    upstream = "redis"
+
+    [upstreams.redis]                         # TCP passthrough: the decrypted bytes, relayed
+    servers = ["tcp://10.0.0.21:6379"]
+    proxy_protocol = "v2"                     # overrides [tcp]; so may alpn
+
+    [tcp]                                     # TCP passthrough timeouts and defaults
+    idle_timeout = 3600.0
+    alpn = []
 """
 
 from __future__ import annotations
@@ -56,7 +69,8 @@ import ipaddress
 import tomllib
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -93,14 +107,15 @@ class UpstreamConfig:
     port: int
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
+    scheme: str = "http"  # "http": HTTP/1.1 forwarding; "tcp": TCP passthrough (a tunnel)
 
     @property
     def authority(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == 80 else f"{host}:{self.port}"
+        return host if self.port == 80 and self.scheme == "http" else f"{host}:{self.port}"
 
     def __str__(self) -> str:
-        return f"http://{self.authority}"
+        return f"{self.scheme}://{self.authority}"
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,7 @@ class SiteConfig:
     certificate: SecretRef
     key: KeyURI
     names: tuple[str, ...] = ()  # empty: the certificate's DNS names
+    upstream: str = "default"  # the upstream group serving this name's connections
 
 
 @dataclass(frozen=True)
@@ -183,6 +199,7 @@ class ProxyConfig:
     upstreams: tuple[UpstreamGroup, ...] = ()
     routes: tuple[Route, ...] = ()
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    tcp: TCPConfig = field(default_factory=lambda: TCPConfig())
 
     def secrets(self) -> list[SecretRef]:
         """Every secret this configuration refers to (what the reloader watches)."""
@@ -197,7 +214,29 @@ class ProxyConfig:
 
     def upstream_groups(self) -> tuple[UpstreamGroup, ...]:
         """Every upstream group: the top-level ``upstream`` (named ``default``) first."""
-        return (UpstreamGroup(DEFAULT_UPSTREAM, (self.upstream,)), *self.upstreams)
+        return tuple(self._groups.values())
+
+    @cached_property
+    def _groups(self) -> dict[str, UpstreamGroup]:
+        default = UpstreamGroup(DEFAULT_UPSTREAM, (self.upstream,))
+        if default.tcp:
+            default = replace(default, alpn=self.tcp.alpn, proxy_protocol=self.tcp.proxy_protocol)
+        return {group.name: group for group in (default, *self.upstreams)}
+
+    def site_upstream(self, site: SiteConfig | None) -> UpstreamGroup:
+        """The upstream group that serves the connections of ``site`` (a ``[[tls.sni]]``
+        entry), or of the default certificate when ``site`` is None."""
+        return self._groups[DEFAULT_UPSTREAM if site is None else site.upstream]
+
+    def alpn_offer(self, site: SiteConfig | None = None) -> tuple[tuple[bytes, ...], bool]:
+        """The ALPN protocols the SSL context of ``site`` (None: the default certificate's)
+        offers, and whether a client offering ALPN but none of them is refused: HTTP
+        upstreams are served as http/1.1 and never refuse; a TCP upstream offers the
+        protocols it speaks (``alpn``) and requires one of them when it names any."""
+        group = self.site_upstream(site)
+        if not group.tcp:
+            return (b"http/1.1",), False
+        return tuple(name.encode("ascii") for name in group.alpn), bool(group.alpn)
 
 
 def parse_address(text: str, where: str) -> Address:
@@ -223,22 +262,26 @@ def parse_address(text: str, where: str) -> Address:
 
 
 def parse_upstream(text: str, where: str) -> UpstreamConfig:
-    """``http://HOST[:PORT]``: the proxy speaks plaintext HTTP/1.1 to its backends."""
+    """``http://HOST[:PORT]`` (plaintext HTTP/1.1 to the backend) or ``tcp://HOST:PORT``
+    (TCP passthrough: the decrypted bytes, untouched)."""
     parts = urlsplit(text)
-    if parts.scheme != "http":
+    if parts.scheme not in ("http", "tcp"):
         raise ConfigError(
             f"{where}: {text!r} must be an http:// URL (the proxy sends plaintext HTTP/1.1 "
-            "to upstreams)"
+            "to upstreams) or a tcp://HOST:PORT address (TCP passthrough)"
         )
+    shape = "http://HOST[:PORT]" if parts.scheme == "http" else "tcp://HOST:PORT"
     if not parts.hostname:
         raise ConfigError(f"{where}: {text!r} has no host")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ConfigError(f"{where}: {text!r} must be just http://HOST[:PORT], without a path")
+        raise ConfigError(f"{where}: {text!r} must be just {shape}, without a path")
     try:
-        port = parts.port or 80
+        port = parts.port or (80 if parts.scheme == "http" else None)
     except ValueError:
         raise ConfigError(f"{where}: {text!r} has an invalid port") from None
-    return UpstreamConfig(parts.hostname, port)
+    if not port:
+        raise ConfigError(f"{where}: {text!r} needs a port from 1 to 65535 ({shape})")
+    return UpstreamConfig(parts.hostname, port, scheme=parts.scheme)
 
 
 def admin_config(
@@ -574,7 +617,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
             endpoint_url=aws_table.take("endpoint_url", str, None),
         )
         aws_table.finish()
-    http, upstreams, routes = _parse_http(root)
+    http, tcp, upstreams, routes = _parse_http(root, upstream, sni)
     admin = None
     if "admin" in data:
         admin_table = root.table("admin")
@@ -616,6 +659,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
         upstreams=upstreams,
         routes=routes,
         security=security,
+        tcp=tcp,
     )
 
 
@@ -659,12 +703,14 @@ def _site(table: _Table, base: Path, where: str) -> SiteConfig:
     certificate = _certificate(table, where, base)
     key = _key_uri(table, where)
     names = tuple(_list_of(table, "names", str, "server names"))
+    upstream = table.take("upstream", str, DEFAULT_UPSTREAM)  # checked in _parse_http
     table.finish()
-    return SiteConfig(certificate=certificate, key=key, names=names)
+    return SiteConfig(certificate=certificate, key=key, names=names, upstream=upstream)
 
 
-# --- HTTP forwarding: limits, timeouts, upstream groups and routes ([http], [upstreams.*],
-# [[routes]]); the top-level ``upstream`` stays the default route. -------------------------
+# --- Forwarding: HTTP limits and timeouts ([http]), TCP passthrough ([tcp]), upstream groups
+# ([upstreams.*]) and routes ([[routes]]); the top-level ``upstream`` is the group named
+# ``default``, and each ``[[tls.sni]]`` site may name the group its connections go to. -----
 
 
 @dataclass(frozen=True)
@@ -688,12 +734,33 @@ class HTTPConfig:
     down_time: float = 10.0  # seconds an upstream address is skipped after it failed
 
 
+PROXY_PROTOCOL_MODES = ("off", "v2")
+
+
+@dataclass(frozen=True)
+class TCPConfig:
+    """TCP passthrough (README, "TCP passthrough"): the defaults of every tcp:// upstream."""
+
+    connect_timeout: float = 5.0  # seconds to connect to an address; then the next one
+    idle_timeout: float = 3600.0  # seconds without a byte either way; then the tunnel closes
+    max_lifetime: float = 0.0  # seconds a tunnel may stay open in all; 0: no limit
+    alpn: tuple[str, ...] = ()  # what the upstream speaks: offered, and required when any
+    proxy_protocol: str = "off"  # "v2": a PROXY protocol v2 header before the client's bytes
+
+
 @dataclass(frozen=True)
 class UpstreamGroup:
-    """A named upstream: one or more addresses used round-robin."""
+    """A named upstream: one or more addresses used round-robin, all http:// or all tcp://."""
 
     name: str
     servers: tuple[UpstreamConfig, ...]
+    alpn: tuple[str, ...] = ()  # tcp:// groups: [tcp] alpn unless the group sets its own
+    proxy_protocol: str = "off"  # tcp:// groups: [tcp] proxy_protocol unless overridden
+
+    @property
+    def tcp(self) -> bool:
+        """TCP passthrough (tcp:// servers) rather than HTTP forwarding."""
+        return self.servers[0].scheme == "tcp"
 
 
 @dataclass(frozen=True)
@@ -728,7 +795,9 @@ _HTTP_SECONDS = (
 )
 
 
-def _parse_http(root: _Table) -> tuple[HTTPConfig, tuple[UpstreamGroup, ...], tuple[Route, ...]]:
+def _parse_http(
+    root: _Table, upstream: UpstreamConfig, sites: tuple[SiteConfig, ...]
+) -> tuple[HTTPConfig, TCPConfig, tuple[UpstreamGroup, ...], tuple[Route, ...]]:
     defaults = HTTPConfig()
     values: dict[str, Any] = {}
     table = root.table("http") if "http" in root._data else _Table({}, "http.")
@@ -748,6 +817,7 @@ def _parse_http(root: _Table) -> tuple[HTTPConfig, tuple[UpstreamGroup, ...], tu
     values["forwarded"] = table.take("forwarded", bool, defaults.forwarded)
     table.finish()
     http = HTTPConfig(**values)
+    tcp = _parse_tcp(root.table("tcp") if "tcp" in root._data else _Table({}, "tcp."))
 
     groups: list[UpstreamGroup] = []
     upstreams = root.table("upstreams") if "upstreams" in root._data else _Table({}, "")
@@ -756,32 +826,31 @@ def _parse_http(root: _Table) -> tuple[HTTPConfig, tuple[UpstreamGroup, ...], tu
             raise ConfigError(
                 f"upstreams.{name}: the name {name!r} is the top-level upstream; choose another"
             )
-        group = upstreams.table(name)
-        servers = group.take("servers", list)
-        if not servers:
-            raise ConfigError(f"upstreams.{name}.servers: needs at least one http://HOST:PORT")
-        parsed = []
-        for index, server in enumerate(servers):
-            where = f"upstreams.{name}.servers[{index}]"
-            if not isinstance(server, str):
-                raise ConfigError(f"{where}: expected a string, got {type(server).__name__}")
-            parsed.append(parse_upstream(server, where))
-        group.finish()
-        groups.append(UpstreamGroup(name, tuple(parsed)))
+        groups.append(_parse_group(upstreams.table(name), name, tcp))
     upstreams.finish()
 
-    known = {DEFAULT_UPSTREAM, *(group.name for group in groups)}
+    default = UpstreamGroup(DEFAULT_UPSTREAM, (upstream,))
+    by_name = {group.name: group for group in (default, *groups)}
+    known = ", ".join(sorted(by_name))
+    for number, site in enumerate(sites, start=1):
+        if site.upstream not in by_name:
+            raise ConfigError(
+                f"tls.sni[{number}].upstream: no upstream named {site.upstream!r} (known: {known})"
+            )
     routes: list[Route] = []
     for index, entry in enumerate(root.take("routes", list, [])):
         where = f"routes[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected a table ([[routes]])")
         route = _Table(entry, f"{where}.")
-        upstream = route.take("upstream", str)
-        if upstream not in known:
+        target = route.take("upstream", str)
+        if target not in by_name:
+            raise ConfigError(f"{where}.upstream: no upstream named {target!r} (known: {known})")
+        if by_name[target].tcp:
             raise ConfigError(
-                f"{where}.upstream: no upstream named {upstream!r} "
-                f"(known: {', '.join(sorted(known))})"
+                f"{where}.upstream: {target!r} is a tcp:// upstream; routes choose among "
+                "http:// upstreams (a tcp:// upstream serves whole connections: name it in "
+                "[[tls.sni]] upstream, or as the top-level upstream)"
             )
         hosts = route.take("hosts", list, [])
         for host in hosts:
@@ -791,5 +860,85 @@ def _parse_http(root: _Table) -> tuple[HTTPConfig, tuple[UpstreamGroup, ...], tu
         if not prefix.startswith("/"):
             raise ConfigError(f"{where}.path_prefix: {prefix!r} must start with /")
         route.finish()
-        routes.append(Route(upstream, tuple(host.lower() for host in hosts), prefix))
-    return http, tuple(groups), tuple(routes)
+        routes.append(Route(target, tuple(host.lower() for host in hosts), prefix))
+    return http, tcp, tuple(groups), tuple(routes)
+
+
+def _parse_group(group: _Table, name: str, tcp: TCPConfig) -> UpstreamGroup:
+    """``[upstreams.NAME]``: its servers, all of one scheme, and for tcp:// servers the
+    ``alpn`` and ``proxy_protocol`` overrides of ``[tcp]``."""
+    servers = group.take("servers", list)
+    if not servers:
+        raise ConfigError(
+            f"upstreams.{name}.servers: needs at least one http://HOST:PORT or tcp://HOST:PORT"
+        )
+    parsed: list[UpstreamConfig] = []
+    for index, server in enumerate(servers):
+        where = f"upstreams.{name}.servers[{index}]"
+        if not isinstance(server, str):
+            raise ConfigError(f"{where}: expected a string, got {type(server).__name__}")
+        parsed.append(parse_upstream(server, where))
+        if parsed[-1].scheme != parsed[0].scheme:
+            raise ConfigError(
+                f"{where}: {server!r} mixes {parsed[-1].scheme}:// with the "
+                f"{parsed[0].scheme}:// servers before it; a group is all http:// or all tcp://"
+            )
+    is_tcp = parsed[0].scheme == "tcp"
+    for key in ("alpn", "proxy_protocol"):
+        if key in group._data and not is_tcp:
+            raise ConfigError(
+                f"upstreams.{name}.{key}: only tcp:// upstreams take {key} (http:// upstreams "
+                "are served as HTTP/1.1)"
+            )
+    alpn = _alpn_list(group, "alpn", tcp.alpn)
+    proxy_protocol = _proxy_protocol(group, tcp.proxy_protocol)
+    group.finish()
+    if not is_tcp:
+        return UpstreamGroup(name, tuple(parsed))
+    return UpstreamGroup(name, tuple(parsed), alpn, proxy_protocol)
+
+
+def _parse_tcp(table: _Table) -> TCPConfig:
+    defaults = TCPConfig()
+    connect_timeout = _positive(
+        table.take("connect_timeout", (int, float), defaults.connect_timeout),
+        "tcp.connect_timeout",
+    )
+    idle_timeout = _positive(
+        table.take("idle_timeout", (int, float), defaults.idle_timeout), "tcp.idle_timeout"
+    )
+    max_lifetime = table.take("max_lifetime", (int, float), defaults.max_lifetime)
+    if max_lifetime < 0:
+        raise ConfigError(f"tcp.max_lifetime: must be 0 (no limit) or more, got {max_lifetime}")
+    alpn = _alpn_list(table, "alpn", defaults.alpn)
+    proxy_protocol = _proxy_protocol(table, defaults.proxy_protocol)
+    table.finish()
+    return TCPConfig(connect_timeout, idle_timeout, float(max_lifetime), alpn, proxy_protocol)
+
+
+def _alpn_list(table: _Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """ALPN protocol IDs (RFC 7301): 1 to 255 printable ASCII characters each, no spaces,
+    no repeats."""
+    if key not in table._data:
+        table._known.append(key)
+        return default
+    names = _string_list(table, key)
+    for name in names:
+        if not name.isascii() or not name.isprintable() or " " in name or len(name) > 255:
+            raise ConfigError(
+                f"{table._name(key)}: {name!r} is not an ALPN protocol ID (1 to 255 printable "
+                'ASCII characters without spaces, such as "h2" or "http/1.1")'
+            )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{table._name(key)}: a protocol is listed twice in {names}")
+    return tuple(names)
+
+
+def _proxy_protocol(table: _Table, default: str) -> str:
+    mode: str = table.take("proxy_protocol", str, default)
+    if mode not in PROXY_PROTOCOL_MODES:
+        raise ConfigError(
+            f'{table._name("proxy_protocol")}: must be "off" or "v2" (a PROXY protocol v2 '
+            f"header before the client's bytes), got {mode!r}"
+        )
+    return mode

@@ -9,6 +9,7 @@ subprocess that real clients (stdlib ssl, openssl s_client, curl, httpx) talk to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +29,18 @@ from tests.support import (
     StartOnFaulthsm,
     make_hsm,
     start_upstream,
+)
+from tests.support.http import ScriptedUpstream
+from tests.support.tcp import (
+    SITES,
+    ProxyProtocolUpstream,
+    TCPSetup,
+    bytes_handler,
+    closed_port,
+    grpc_server,
+    redis_server,
+    silent_listener,
+    tcp_config,
 )
 
 # SoftHSM2 reads its config when the module is first initialised in a process; set it
@@ -103,6 +116,90 @@ def proxy_factory(
 
     def start(key: str = "ec256", **overrides: Any) -> ProxyProcess:
         process = ProxyProcess.start(tmp_path, hsm, ca, upstream.url, key, **overrides)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def tcp_setup(
+    tmp_path_factory: pytest.TempPathFactory, hsm: HSM, ca: trustme.CA
+) -> Iterator[TCPSetup]:
+    """One proxy for a test module: HTTP for localhost, and a tcp:// upstream per server
+    name NAME.test: redis-server, a plaintext gRPC server, a scripted byte upstream, a
+    PROXY-protocol reader, a closed port and a listener that never accepts."""
+    directory = tmp_path_factory.mktemp("tcp")
+    client_ca = trustme.CA()
+    client_ca_file = directory / "client-ca.pem"
+    client_ca.cert_pem.write_to_path(str(client_ca_file))
+    with contextlib.ExitStack() as stack:
+        redis_port = stack.enter_context(redis_server(directory))
+        grpc_port = stack.enter_context(grpc_server())
+        silent_port = stack.enter_context(silent_listener())
+        byte_upstream = ScriptedUpstream(bytes_handler)
+        stack.callback(byte_upstream.stop)
+        pp_upstream = ProxyProtocolUpstream()
+        stack.callback(pp_upstream.stop)
+        http_upstream = start_upstream()
+        stack.callback(http_upstream.stop)
+        ports = {
+            "redis": redis_port,
+            "grpc": grpc_port,
+            "bytes": byte_upstream.port,
+            "pp": pp_upstream.port,
+            "refused": closed_port(),
+            "silent": silent_port,
+        }
+        assert tuple(ports) == SITES
+        config = tcp_config(
+            directory,
+            hsm,
+            ca,
+            client_ca_file,
+            http_upstream.url,
+            {name: f"tcp://127.0.0.1:{port}" for name, port in ports.items()},
+        )
+        proxy = ProxyProcess.run_config(config, directory)
+        stack.callback(proxy.stop)
+        ca_file = directory / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        yield TCPSetup(
+            proxy,
+            ca_file,
+            client_ca,
+            directory,
+            redis_port,
+            grpc_port,
+            byte_upstream,
+            pp_upstream,
+            http_upstream,
+        )
+
+
+@pytest.fixture
+def byte_upstream() -> Iterator[ScriptedUpstream]:
+    """The scripted byte upstream of the TCP tests (support_tcp.bytes_handler)."""
+    server = ScriptedUpstream(bytes_handler)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tcp_proxy(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, byte_upstream: ScriptedUpstream
+) -> Iterator[ProxyFactory]:
+    """Starts a proxy whose top-level upstream is tcp:// to ``byte_upstream``:
+    ``tcp_proxy(extra="[http]\\nshutdown_grace = 3\\n")``."""
+    started: list[ProxyProcess] = []
+
+    def start(**overrides: Any) -> ProxyProcess:
+        url = f"tcp://127.0.0.1:{byte_upstream.port}"
+        process = ProxyProcess.start(tmp_path, hsm, ca, url, "ec256", **overrides)
         started.append(process)
         return process
 

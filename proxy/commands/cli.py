@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--upstream",
         default=None,
-        help="http://HOST:PORT to forward to (default: a built-in demo upstream)",
+        help="http://HOST:PORT to forward HTTP to, or tcp://HOST:PORT to relay the decrypted "
+        "bytes to (TCP passthrough; default: a built-in demo HTTP upstream)",
     )
     dev.add_argument(
         "--admin",
@@ -404,7 +405,9 @@ def _dev(args: argparse.Namespace) -> int:
             f"  SoftHSM2: SOFTHSM2_CONF={state.directory / 'softhsm2.conf'}",
             f"  CA:       {state.ca}",
             f"  upstream: {upstream}{'' if args.upstream else ' (built-in demo)'}",
-            f"  try:      curl --cacert {state.ca} https://{host}:{port}/",
+            f"  try:      curl --cacert {state.ca} https://{host}:{port}/"
+            if upstream.scheme == "http"
+            else f"  try:      openssl s_client -CAfile {state.ca} -connect {host}:{port}",
             f"  rotate:   replace {state.certificate.name} or pin in the state directory: "
             "both are watched and reloaded",
         ] + ([f"  admin:    curl http://{admin.listen}/metrics"] if admin is not None else [])

@@ -384,12 +384,16 @@ def _server_context(bench: Workbench, site: int) -> str:
     """Every context of the listener gets the TLS policy and the client-auth rules, so no
     server name can be reached around them; the OCSP staple is the default chain's."""
     policy = cast(TLSPolicy, bench.config.tls.policy)  # config.py checked the name
+    # The protocols the site's upstream speaks (http/1.1, or a TCP upstream's own list).
+    alpn, alpn_required = bench.config.alpn_offer(bench.config.tls.sni[site - 1] if site else None)
     context = build_server_context(
         bench.chains[site],
         bench.keys[site],
         policy=policy,
         client_auth=bench.client_auth,
         ocsp_response=None if site else bench.ocsp,
+        alpn=alpn,
+        alpn_required=alpn_required,
     )
     tickets = bench.ticket_keys()
     if tickets:

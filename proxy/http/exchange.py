@@ -6,14 +6,16 @@ Theory of operation. :class:`HTTP1Handler` is the handler the connection pipelin
 buffer until the previous response is complete), and returns how the connection must close.
 
 For each request the rules in rules.py check it (limits, ambiguous framing), choose the
-upstream group, and rewrite the head; an :class:`UpstreamPool` per group lends a
-keep-alive connection for the one exchange. The request body is streamed up and the
-response streamed back with backpressure: one buffer of at most 64 KiB per direction is
-in flight, so memory does not grow with the body. Everything h11 can produce from bytes
-already received goes out in one send, so a response head leaves with its first body
-bytes (one TLS record for a small response). A 101 answer to an Upgrade request turns the
-connection into a byte tunnel both ways until either side closes. The upstream's h11 state
-is touched only through :class:`UpstreamConnection`.
+upstream group (the first matching route's, else the group of the connection's site: the
+``[[tls.sni]]`` entry's ``upstream``, or the top-level one), and rewrite the head; an
+:class:`UpstreamPool` per group lends a keep-alive connection for the one exchange. The
+request body is streamed up and the response streamed back with backpressure: one buffer
+of at most 64 KiB per direction is in flight, so memory does not grow with the body.
+Everything h11 can produce from bytes already received goes out in one send, so a
+response head leaves with its first body bytes (one TLS record for a small response). A
+101 answer to an Upgrade request turns the connection into a byte tunnel both ways until
+either side closes. The upstream's h11 state is touched only through
+:class:`UpstreamConnection`.
 
 Timeouts: the first request head must arrive within ``http.header_timeout`` of the
 handshake, later ones within it of their first byte (408); a kept-alive connection idles
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from proxy.config import HTTPConfig, ProxyConfig, Route, UpstreamGroup
+from proxy.config import DEFAULT_UPSTREAM, HTTPConfig, ProxyConfig, Route, UpstreamGroup
 from proxy.http.rules import (
     IDEMPOTENT_METHODS,
     ClientInfo,
@@ -55,7 +57,7 @@ from proxy.http.rules import (
     upstream_request,
 )
 from proxy.http.upstream import UpstreamConnection, UpstreamFailure, UpstreamPool
-from proxy.net.pipeline import Client, ClientGone, ServerState
+from proxy.net.pipeline import Client, ClientGone, ServerState, upstream_for
 from proxy.ops.admin import Metrics
 from proxy.ops.hardening import redact_headers
 from proxy.ops.logs import access_log, connection_context, log
@@ -93,6 +95,8 @@ class HTTP1Handler:
             return self._routing[1]
         pools = {}
         for group in config.upstream_groups():
+            if group.tcp:
+                continue  # served by the TCP passthrough handler
             key = (group, config.http)
             if key not in self._pools:
                 self._pools[key] = UpstreamPool(group, config.http)
@@ -113,6 +117,7 @@ class HTTP1Handler:
         http = client.generation.config.http
         exchange = _Exchange(client.stream, _client_info(client, http.forwarded), client.tls, http)
         exchange.metrics = client.server.metrics
+        exchange.default_upstream = upstream_for(client.generation, client.tls).name
         with suppress(ClientGone):
             await _serve_http(exchange, self.routing(client.generation.config), client.server)
         if exchange.abort:
@@ -143,6 +148,8 @@ class _Exchange:
         # What the access line needs when the client leaves in the middle of an exchange.
         self.response_status: int | None = None
         self.upstream_name = "-"
+        # Where requests no route matches go: the group of the server name's site.
+        self.default_upstream = DEFAULT_UPSTREAM
 
     async def _receive(self) -> bytes:
         try:
@@ -317,7 +324,8 @@ async def _forward(
     if status is not None:
         raise _Reject(status)
     server_name = exchange.client.server_name
-    pool = routing.pools[choose_upstream(routing.routes, request, server_name, head)]
+    chosen = choose_upstream(routing.routes, request, server_name, head, exchange.default_upstream)
+    pool = routing.pools[chosen]
     outgoing = upstream_request(request, exchange.client, pool.group.servers[0].authority, head)
     upgrade = head.upgrade
     has_body = head.has_body

@@ -334,12 +334,14 @@ def choose_upstream(
     request: h11.Request,
     server_name: str | None,
     head: ReceivedHead | None = None,
+    default: str = DEFAULT_UPSTREAM,
 ) -> str:
     """The name of the upstream group for ``request``: the first route whose hosts match
     the Host header (or the SNI name when there is none) and whose path prefix matches
-    the target; the top-level upstream (``default``) when no route does."""
+    the target; ``default`` (the top-level upstream, or the one the connection's server
+    name is configured with) when no route does."""
     if not routes:
-        return DEFAULT_UPSTREAM
+        return default
     host_header = (head or ReceivedHead(request.headers)).host
     host = _host_name(host_header) if host_header is not None else (server_name or "").lower()
     path = request.target.decode("ascii", "replace")
@@ -348,7 +350,7 @@ def choose_upstream(
             continue
         if _prefix_matches(route.path_prefix, path):
             return route.upstream
-    return DEFAULT_UPSTREAM
+    return default
 
 
 def error_response(status: int) -> tuple[h11.Response, bytes]:

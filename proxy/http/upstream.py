@@ -9,8 +9,9 @@ A pool belongs to one upstream group (config ``[upstreams.NAME]`` or the top-lev
 ``upstream``). :meth:`UpstreamPool.acquire` hands out the most recently used idle
 connection that is neither expired (``http.pool_idle_timeout``) nor readable (an idle
 keep-alive connection that became readable was closed by the backend, or is talking out of
-turn: either way it is not reused), else connects a new one. An address that cannot be
-connected to is skipped for ``http.down_time`` seconds and the next one is tried, so one
+turn: either way it is not reused), else connects a new one. Addresses are chosen by the
+group's :class:`Balancer` (net/balancer.py): round-robin, and an address that cannot be
+connected to is skipped for ``http.down_time`` seconds while the next one is tried, so one
 dead backend costs one failed connect, not one per request. :meth:`UpstreamPool.release`
 keeps at most ``http.pool_size`` idle connections per address and closes the rest, and
 never keeps one that holds bytes beyond the response (a backend that sent a body with a
@@ -38,8 +39,8 @@ import trio
 
 from proxy.config import HTTPConfig, UpstreamConfig, UpstreamGroup
 from proxy.errors import UpstreamError
+from proxy.net.balancer import Balancer
 from proxy.net.sockets import TCPStream, connect_tcp
-from proxy.ops.logs import log
 
 # Large reads from backends: fewer h11 events and TLS batches per MiB (bench scenario 4);
 # bounded per read, so memory stays flat however large the body.
@@ -229,8 +230,7 @@ class UpstreamPool:
         self._idle: dict[UpstreamConfig, deque[UpstreamConnection]] = {
             server: deque() for server in group.servers
         }
-        self._next = 0
-        self._down_until: dict[UpstreamConfig, float] = {}
+        self._balancer = Balancer(group, http.down_time)
         self.connections_opened = 0
 
     @property
@@ -249,40 +249,23 @@ class UpstreamPool:
             connection.stream.close()
         return None
 
-    def _candidates(self) -> list[UpstreamConfig]:
-        """The group's addresses in round-robin order, those marked down left out (unless
-        all are: then all are tried rather than failing without trying)."""
-        servers = self.group.servers
-        if len(servers) == 1:
-            return [servers[0]]
-        start = self._next % len(servers)
-        self._next += 1
-        ordered = list(servers[start:] + servers[:start])
-        now = time.monotonic()
-        up = [server for server in ordered if self._down_until.get(server, 0.0) <= now]
-        return up or ordered
-
     async def _connect(self, candidates: Sequence[UpstreamConfig]) -> UpstreamConnection:
         def mark_down(server: UpstreamConfig, failure: UpstreamFailure) -> None:
-            self._down_until[server] = time.monotonic() + self.http.down_time
-            log.warning(
-                f"{failure}; skipping {server} for {self.http.down_time:g}s",
-                extra={"fields": {"event": "upstream_down", "upstream": str(server)}},
-            )
+            self._balancer.mark_down(server, str(failure))
 
         connection = await connect_first(candidates, self.http, mark_down)
-        self._down_until.pop(connection.config, None)
+        self._balancer.mark_up(connection.config)
         self.connections_opened += 1
         return connection
 
     async def connect(self) -> UpstreamConnection:
         """A new connection to the next address that accepts one."""
-        return await self._connect(self._candidates())
+        return await self._connect(self._balancer.candidates())
 
     async def acquire(self) -> tuple[UpstreamConnection, bool]:
         """A connection for one request, and whether it was reused from the pool: requests
         go round-robin over the addresses, each address with its own idle connections."""
-        candidates = self._candidates()
+        candidates = self._balancer.candidates()
         connection = self._take_idle(candidates[0])
         if connection is not None:
             return connection, True

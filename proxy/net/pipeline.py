@@ -33,6 +33,7 @@ from typing import Protocol
 
 import trio
 
+from proxy.config import UpstreamGroup
 from proxy.errors import TLSError
 from proxy.generation.holder import GenerationHolder
 from proxy.generation.model import Generation
@@ -43,6 +44,7 @@ from proxy.ops.logs import connection_context, log
 from proxy.tls.stream import CloseMode, TLSInfo, TLSStream
 
 HTTP1 = "http/1.1"
+TCP = "tcp"
 
 
 class ClientGone(Exception):
@@ -97,10 +99,23 @@ class Handler(Protocol):
         ...
 
 
+def upstream_for(generation: Generation, info: TLSInfo) -> UpstreamGroup:
+    """The upstream group of a connection: the one its site names (the ``[[tls.sni]]``
+    entry whose context served the handshake), else the default certificate's."""
+    site = None
+    if info.context is not None and info.context is not generation.ssl_context:
+        # Sites are built in the order of their [[tls.sni]] entries (generation/reload.py).
+        for built, configured in zip(generation.sites, generation.config.tls.sni, strict=True):
+            if built.ssl_context is info.context:
+                site = configured
+                break
+    return generation.config.site_upstream(site)
+
+
 def protocol_for(generation: Generation, info: TLSInfo) -> str:
-    """Which handler serves a connection: the protocol of the upstream group its server
-    name is configured with, else the one ALPN settled (HTTP/1.1 when none)."""
-    return HTTP1
+    """Which handler serves a connection: TCP passthrough for a tcp:// upstream group,
+    else HTTP/1.1."""
+    return TCP if upstream_for(generation, info).tcp else HTTP1
 
 
 class Handlers:

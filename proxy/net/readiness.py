@@ -1,12 +1,15 @@
 """Readiness probes: what /readyz reports beyond the token's own state.
 
 Theory of operation. Beside the admin listener, :func:`probe_readiness` runs every
-``probe_interval`` seconds: a test signature by each served key (in a worker thread, under
-the token's limiter) and a TCP connection to each upstream group; the admin endpoint
-(ops/admin.py) reports their outcomes.
+``probe_interval`` seconds: a test signature by each served key (in a worker thread,
+under the token's limiter) and a TCP connection to each upstream group (which a group
+that reads PROXY protocol headers gets a LOCAL header on, as the specification has
+health checks do); the admin endpoint (ops/admin.py) reports their outcomes.
 """
 
 from __future__ import annotations
+
+from contextlib import suppress
 
 import trio
 
@@ -14,6 +17,7 @@ from proxy.config import ProxyConfig
 from proxy.http.upstream import UpstreamFailure, connect_first
 from proxy.net.pipeline import ServerState
 from proxy.ops.admin import Operations, sign_probes
+from proxy.tcp.proxyproto import LOCAL_HEADER
 
 _ADMIN_TIMEOUT_SECONDS = 10.0
 _ADMIN_RECEIVE_SIZE = 16384
@@ -43,6 +47,10 @@ async def _probe_upstreams(config: ProxyConfig, operations: Operations) -> None:
         except UpstreamFailure as failure:
             operations.readiness.upstream_result(False, f"{group.name}: {failure}")
             return
+        if group.proxy_protocol == "v2":
+            # A backend that reads PROXY headers gets one: LOCAL, the health-check command.
+            with suppress(UpstreamFailure):
+                await connection.send_data(LOCAL_HEADER)
         await connection.aclose()
         reached.append(str(connection.config))
     operations.readiness.upstream_result(True, f"{', '.join(reached)} accepted a connection")

@@ -11,8 +11,8 @@ the close. Beside the listeners run the handlers' once-a-second sweep, the calle
 
 Shutdown: SIGTERM or SIGINT closes the listeners, cancels the waits of idle connections
 (``ServerState.drain``), lets in-flight work finish (HTTP answers with ``Connection:
-close``) for ``http.shutdown_grace`` seconds, then cancels what is left; a second signal
-stops at once.
+close``, TCP tunnels keep relaying) for ``http.shutdown_grace`` seconds, then cancels
+what is left; a second signal stops at once.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from proxy.generation.holder import GenerationHolder
 from proxy.http.admin import handle_admin
 from proxy.http.exchange import HTTP1Handler
 from proxy.net.limits import HandshakeLimiter
-from proxy.net.pipeline import HTTP1, Handlers, ServerState, handle_connection
+from proxy.net.pipeline import HTTP1, TCP, Handlers, ServerState, handle_connection
 from proxy.net.readiness import probe_readiness
 from proxy.net.workers import report_ready, worker_addresses
 from proxy.ops.admin import Operations, token_state
 from proxy.ops.logs import log
+from proxy.tcp.handler import TCPHandler
 
 _LISTEN_BACKLOG = 4096
 # accept() errors that mean "out of resources for now": wait and try again (as trio does).
@@ -130,7 +131,7 @@ async def serve(
     state = ServerState(
         holder,
         trio.CapacityLimiter(holder.current.token.pool_size),
-        handlers=Handlers({HTTP1: HTTP1Handler()}),
+        handlers=Handlers({HTTP1: HTTP1Handler(), TCP: TCPHandler()}),
         handshakes=HandshakeLimiter(security.max_handshakes, security.max_handshakes_per_client),
         metrics=operations.metrics,
     )

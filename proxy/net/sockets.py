@@ -27,6 +27,7 @@ protocol handlers, the upstream pool) works on these streams.
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 from contextlib import suppress
@@ -139,6 +140,13 @@ class TCPStream(trio.abc.HalfCloseableStream):
             if exc.errno != errno.ENOTCONN:  # the peer is already gone: nothing to end
                 raise self._broken(exc) from exc
 
+    def addresses(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        """The peer's and our own (host, port) of this connection. Raises ``OSError`` for a
+        socket that is no longer connected."""
+        peer = self.socket.getpeername()
+        local = self.socket.getsockname()
+        return (peer[0], peer[1]), (local[0], local[1])
+
     def readable_now(self) -> bool:
         """Whether a receive would not block: on an idle keep-alive connection, the peer
         closed it (or is talking out of turn). A closed stream counts as readable."""
@@ -168,8 +176,20 @@ class TCPStream(trio.abc.HalfCloseableStream):
 
 async def connect_tcp(host: str, port: int) -> TCPStream:
     """A TCP connection to ``host``:``port`` (each address in turn, happy eyeballs as trio
-    does it); the caller bounds it with a timeout. Raises ``OSError``."""
-    return TCPStream.from_trio(await trio.open_tcp_stream(host, port))
+    does it); the caller bounds it with a timeout. Raises ``OSError``: when every attempt
+    failed the same way, one that says how ("Connection refused") rather than trio's "all
+    attempts to connect to HOST:PORT failed"."""
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, BaseExceptionGroup):
+            numbers = {getattr(error, "errno", None) for error in cause.exceptions}
+            number = numbers.pop() if len(numbers) == 1 else None
+            if number is not None:
+                raise OSError(number, os.strerror(number)) from exc
+        raise
+    return TCPStream.from_trio(stream)
 
 
 def try_connect(host: str, port: int, timeout: float) -> None:

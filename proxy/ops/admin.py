@@ -1,11 +1,12 @@
 """Operating the proxy: Prometheus metrics, liveness and readiness, the admin endpoints.
 
-Theory of operation. :class:`Metrics` owns one prometheus-client registry per server (not
-the library's global one, so that tests and embedded uses stay independent) and offers a
-few methods that the server calls where things happen: a connection opens or closes, a
-handshake ends, a request is answered, an upstream fails, a generation is installed, a
-reload ends (``reload_finished``, for generation/reload.py). Token signatures reach it through the
-token's :data:`SignatureObserver`, beside the audit log (:meth:`Metrics.observe_signature`).
+Theory of operation. :class:`Metrics` owns one prometheus-client registry per server
+(not the library's global one, so that tests and embedded uses stay independent) and
+offers a few methods that the server calls where things happen: a connection opens or
+closes, a handshake ends, a request is answered, an upstream fails, a TCP tunnel opens,
+moves bytes or ends, a generation is installed, a reload ends (``reload_finished``, for
+generation/reload.py). Token signatures reach it through the token's :data:`SignatureObserver`,
+beside the audit log (:meth:`Metrics.observe_signature`).
 
 :class:`Readiness` answers "should this instance get traffic?". It is ready when a test
 signature by the token key verified against the certificate recently (the server probes
@@ -65,6 +66,10 @@ _LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+
+
+# Who or what ends a TCP passthrough connection (the access line's closed_by).
+TCP_CLOSED_BY = ("client", "upstream", "idle_timeout", "max_lifetime", "drain", "error")
 
 
 def status_class(status: int) -> str:
@@ -192,7 +197,39 @@ class Metrics:
             "1 when /readyz says ready, else 0 (as of the last probe)",
             registry=r,
         )
+        self.tcp_tunnels_open = Gauge(
+            "hsm_proxy_tcp_tunnels_open",
+            "TCP passthrough tunnels relaying bytes now",
+            registry=r,
+        )
+        self.tcp_connections = Counter(
+            "hsm_proxy_tcp_connections",
+            "Client connections served by TCP passthrough, counted when they end, by who or "
+            "what ended them (client, upstream, idle_timeout, max_lifetime, drain, error)",
+            ["closed_by"],
+            registry=r,
+        )
+        self.tcp_bytes = Counter(
+            "hsm_proxy_tcp_bytes",
+            "Bytes relayed by TCP passthrough, by direction (up: client to upstream, down: "
+            "upstream to client)",
+            ["direction"],
+            registry=r,
+        )
+        self.tcp_connect_failures = Counter(
+            "hsm_proxy_tcp_upstream_connect_failures",
+            "TCP passthrough connects that failed, per address tried, by kind (connect, "
+            "connect_timeout)",
+            ["kind"],
+            registry=r,
+        )
         # Label values known in advance appear at 0, so rate() works from the first scrape.
+        for closed_by in TCP_CLOSED_BY:
+            self.tcp_connections.labels(closed_by)
+        for kind in ("connect", "connect_timeout"):
+            self.tcp_connect_failures.labels(kind)
+        self._tcp_up = self.tcp_bytes.labels("up")
+        self._tcp_down = self.tcp_bytes.labels("down")
         for result in ("ok", "failed"):
             self.reloads.labels(result)
         for kind in ("full", "resumed"):
@@ -230,6 +267,22 @@ class Metrics:
 
     def upstream_failed(self, kind: str) -> None:
         self.upstream_errors.labels(kind or "other").inc()
+
+    def tunnel_opened(self) -> None:
+        self.tcp_tunnels_open.inc()
+
+    def tunnel_closed(self) -> None:
+        self.tcp_tunnels_open.dec()
+
+    def tcp_connection_ended(self, closed_by: str) -> None:
+        self.tcp_connections.labels(closed_by).inc()
+
+    def tcp_moved(self, up: bool, size: int) -> None:
+        """Bytes relayed by a tunnel: ``up`` from the client to the upstream, else back."""
+        (self._tcp_up if up else self._tcp_down).inc(size)
+
+    def tcp_connect_failed(self, kind: str) -> None:
+        self.tcp_connect_failures.labels(kind).inc()
 
     def reload_finished(self, ok: bool) -> None:
         """For the reloader: count one reload attempt (the old generation stays on failure)."""

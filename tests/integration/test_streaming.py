@@ -16,18 +16,11 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.support import HSM, ProxyProcess
+from tests.support import HSM, ProxyProcess, peak_rss_kib
 from tests.support.http import ScriptedUpstream, streaming_handler, write_ca
 
 GIB = 1 << 30
 RSS_LIMIT_KIB = 100 * 1024
-
-
-def peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM in /proc status")
 
 
 @pytest.mark.slow

@@ -412,3 +412,11 @@ def https_request(
 
 # Starts a proxy in front of an upstream URL (the start_proxy fixture of the integration tests).
 StartProxy = Callable[..., ProxyProcess]
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The peak resident memory of a running process (VmHWM), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc status")
