@@ -103,7 +103,7 @@ if [ "$with_tests" = 1 ]; then
     "$system_python" -m venv "$moto_venv"
     env -u PIP_CONSTRAINT "$moto_venv/bin/python" -m pip install -q "moto[server]>=5"
   fi
-  # sslyze (the TLS scanner tests/test_sslyze.py runs) wants a newer cryptography than
+  # sslyze (the TLS scanner tests/integration/test_sslyze.py runs) wants a newer cryptography than
   # Debian's: it gets a virtualenv of its own and never touches .venv.
   sslyze_venv="$here/.venv-sslyze"
   sslyze_version=6.3.1
