@@ -136,7 +136,13 @@ def _workbench(
 def _assemble(bench: Workbench, number: int) -> Generation:
     """The generation the steps made (every step passed)."""
     sites = tuple(
-        Site(bench.names[site], bench.keys[site], bench.chains[site], bench.contexts[site])
+        Site(
+            bench.names[site],
+            bench.keys[site],
+            bench.chains[site],
+            bench.contexts[site],
+            bench.config.tls.sni[site - 1],
+        )
         for site in range(1, 1 + len(bench.config.tls.sni))
     )
     default = bench.contexts[0]

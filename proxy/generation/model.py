@@ -18,7 +18,7 @@ import datetime
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from proxy.config import ProxyConfig
+from proxy.config import ProxyConfig, SiteConfig, UpstreamGroup
 from proxy.pkcs11.token import Token, TokenKey
 from proxy.tls.certificates import Chain
 from proxy.tls.tickets import TicketKey
@@ -38,12 +38,14 @@ class ProcessModel:
 
 @dataclass(frozen=True)
 class Site:
-    """One served certificate with its token key and SSL context."""
+    """One served certificate with its token key and SSL context, built from ``settings``
+    (its ``[[tls.sni]]`` entry)."""
 
     names: tuple[str, ...]
     key: TokenKey
     chain: Chain
     ssl_context: SSL.Context
+    settings: SiteConfig
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,14 @@ class Generation:
     ssl_context: SSL.Context  # the default context; SNI moves connections to sites'
     sites: tuple[Site, ...] = ()
     ticket_keys: tuple[TicketKey, ...] = field(default=(), repr=False)
+
+    def upstream_serving(self, context: SSL.Context | None) -> UpstreamGroup:
+        """The upstream group of the connections whose handshake ``context`` served: its
+        site's (``[[tls.sni]] upstream``), or the default certificate's."""
+        for site in self.sites:
+            if site.ssl_context is context:
+                return self.config.site_upstream(site.settings)
+        return self.config.site_upstream(None)
 
     def chains(self) -> list[Chain]:
         return [self.chain, *(site.chain for site in self.sites)]

@@ -57,7 +57,7 @@ from proxy.http.rules import (
     upstream_request,
 )
 from proxy.http.upstream import UpstreamConnection, UpstreamFailure, UpstreamPool
-from proxy.net.pipeline import Client, ClientGone, ServerState, upstream_for
+from proxy.net.pipeline import Client, ClientGone, ServerState
 from proxy.ops.admin import Metrics
 from proxy.ops.hardening import redact_headers
 from proxy.ops.logs import access_log, connection_context, log
@@ -117,7 +117,7 @@ class HTTP1Handler:
         http = client.generation.config.http
         exchange = _Exchange(client.stream, _client_info(client, http.forwarded), client.tls, http)
         exchange.metrics = client.server.metrics
-        exchange.default_upstream = upstream_for(client.generation, client.tls).name
+        exchange.default_upstream = client.generation.upstream_serving(client.tls.context).name
         with suppress(ClientGone):
             await _serve_http(exchange, self.routing(client.generation.config), client.server)
         if exchange.abort:

@@ -33,7 +33,6 @@ from typing import Protocol
 
 import trio
 
-from proxy.config import UpstreamGroup
 from proxy.errors import TLSError
 from proxy.generation.holder import GenerationHolder
 from proxy.generation.model import Generation
@@ -99,23 +98,10 @@ class Handler(Protocol):
         ...
 
 
-def upstream_for(generation: Generation, info: TLSInfo) -> UpstreamGroup:
-    """The upstream group of a connection: the one its site names (the ``[[tls.sni]]``
-    entry whose context served the handshake), else the default certificate's."""
-    site = None
-    if info.context is not None and info.context is not generation.ssl_context:
-        # Sites are built in the order of their [[tls.sni]] entries (generation/reload.py).
-        for built, configured in zip(generation.sites, generation.config.tls.sni, strict=True):
-            if built.ssl_context is info.context:
-                site = configured
-                break
-    return generation.config.site_upstream(site)
-
-
 def protocol_for(generation: Generation, info: TLSInfo) -> str:
     """Which handler serves a connection: TCP passthrough for a tcp:// upstream group,
     else HTTP/1.1."""
-    return TCP if upstream_for(generation, info).tcp else HTTP1
+    return TCP if generation.upstream_serving(info.context).tcp else HTTP1
 
 
 class Handlers:

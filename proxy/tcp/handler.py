@@ -39,7 +39,7 @@ import trio
 
 from proxy.config import ProxyConfig, UpstreamConfig, UpstreamGroup
 from proxy.net.balancer import Balancer
-from proxy.net.pipeline import Client, upstream_for
+from proxy.net.pipeline import Client
 from proxy.net.relay import Relay, RelayEnd, Side
 from proxy.net.sockets import TCPStream, connect_tcp
 from proxy.ops.admin import Metrics
@@ -74,7 +74,7 @@ class TCPHandler:
 
     async def serve(self, client: Client) -> CloseMode:
         config = client.generation.config
-        group = upstream_for(client.generation, client.tls)
+        group = client.generation.upstream_serving(client.tls.context)
         metrics = client.server.metrics
         tunnel = _Tunnel(client)
         transport = client.stream.transport
