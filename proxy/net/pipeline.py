@@ -199,6 +199,9 @@ async def _handshake_and_serve(
             info.version, "ok", time.perf_counter() - started, info.resumed
         )
         client = Client(connection_id, peer, tls, info, generation, state)
+        # A handler that is cancelled (the drain deadline) or fails has no say: whatever it
+        # was sending was cut off, and must not end with a clean close_notify.
+        mode = CloseMode.ABORT
         mode = await state.handlers.choose(generation, info).serve(client)
     except ClientGone:
         pass
