@@ -30,11 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.errors import CertificateError, KeyMismatchError, SigningError
-from proxy.pkcs11.keys import Mechanism
+from proxy.pkcs11.keys import SHA256_DIGEST_INFO, Mechanism
 from proxy.tls.keys import KeySigner
-
-# DigestInfo prefix for SHA-256 (RFC 8017, section 9.2, note 1): CKM_RSA_PKCS signs it as is.
-_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 
 
 @dataclass(frozen=True)
@@ -194,7 +191,7 @@ def check_key_matches(chain: Chain, key: KeySigner) -> None:
             )
             public.verify(signature, challenge, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
         elif isinstance(public, rsa.RSAPublicKey) and key.info.key_type == "RSA":
-            signature = key.sign(Mechanism.RSA_PKCS, _SHA256_DIGEST_INFO + challenge)
+            signature = key.sign(Mechanism.RSA_PKCS, SHA256_DIGEST_INFO + challenge)
             public.verify(
                 signature, challenge, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256())
             )
