@@ -223,11 +223,11 @@ def _alpn_list(table: Table, key: str, default: tuple[str, ...]) -> tuple[str, .
     for name in names:
         if not name.isascii() or not name.isprintable() or " " in name or len(name) > 255:
             raise ConfigError(
-                f"{table._name(key)}: {name!r} is not an ALPN protocol ID (1 to 255 printable "
+                f"{table.key_name(key)}: {name!r} is not an ALPN protocol ID (1 to 255 printable "
                 'ASCII characters without spaces, such as "h2" or "http/1.1")'
             )
     if len(set(names)) != len(names):
-        raise ConfigError(f"{table._name(key)}: a protocol is listed twice in {names}")
+        raise ConfigError(f"{table.key_name(key)}: a protocol is listed twice in {names}")
     return tuple(names)
 
 
@@ -235,7 +235,7 @@ def _proxy_protocol(table: Table, default: str) -> str:
     mode: str = table.take("proxy_protocol", str, default)
     if mode not in PROXY_PROTOCOL_MODES:
         raise ConfigError(
-            f'{table._name("proxy_protocol")}: must be "off" or "v2" (a PROXY protocol v2 '
+            f'{table.key_name("proxy_protocol")}: must be "off" or "v2" (a PROXY protocol v2 '
             f"header before the client's bytes), got {mode!r}"
         )
     return mode

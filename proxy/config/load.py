@@ -99,11 +99,11 @@ def _secret(
             text,
             what=what,
             base=base,
-            key=table._name(key),
+            key=table.key_name(key),
             plain_path=plain_path,
             allow_insecure_permissions=allow_insecure,
         )
-    source = source_of(legacy[name], text, base, f"{table._name(name)}:")
+    source = source_of(legacy[name], text, base, f"{table.key_name(name)}:")
     return SecretRef(source, what=what, allow_insecure_permissions=allow_insecure)
 
 

@@ -21,35 +21,36 @@ class Table:
         self._prefix = prefix
         self._known: list[str] = []
 
-    def _name(self, key: str) -> str:
+    def key_name(self, key: str) -> str:
+        """The whole dotted name of ``key`` in this table, as errors show it."""
         return f"{self._prefix}{key}"
 
     def take(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
         self._known.append(key)
         if key not in self._data:
             if default is ...:
-                raise ConfigError(f"{self._name(key)}: required key is missing")
+                raise ConfigError(f"{self.key_name(key)}: required key is missing")
             return default
         value = self._data.pop(key)
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # bool is an int subclass in Python, but `sessions = true` is not a number.
         if isinstance(value, bool) and bool not in kinds:
-            raise ConfigError(f"{self._name(key)}: expected {kind_name(kinds)}, got a boolean")
+            raise ConfigError(f"{self.key_name(key)}: expected {kind_name(kinds)}, got a boolean")
         if not isinstance(value, kinds):
             raise ConfigError(
-                f"{self._name(key)}: expected {kind_name(kinds)}, got {type(value).__name__}"
+                f"{self.key_name(key)}: expected {kind_name(kinds)}, got {type(value).__name__}"
             )
         return value
 
     def table(self, key: str) -> Table:
         value = self.take(key, dict)
-        return Table(value, f"{self._name(key)}.")
+        return Table(value, f"{self.key_name(key)}.")
 
     def optional_table(self, key: str, prefix: str | None = None) -> Table:
         """The table at ``key``, or an empty one (named ``prefix``) when it is absent."""
         if key in self._data:
             return self.table(key)
-        return Table({}, f"{self._name(key)}." if prefix is None else prefix)
+        return Table({}, f"{self.key_name(key)}." if prefix is None else prefix)
 
     def has(self, key: str) -> bool:
         """Whether ``key`` is still there to take."""
@@ -62,7 +63,7 @@ class Table:
     def finish(self) -> None:
         for key in self._data:
             raise ConfigError(
-                f"{self._name(key)}: unknown key (known here: {', '.join(self._known)})"
+                f"{self.key_name(key)}: unknown key (known here: {', '.join(self._known)})"
             )
 
 
@@ -94,7 +95,7 @@ def string_list(table: Table, key: str) -> list[str]:
     for position, value in enumerate(values, start=1):
         if not isinstance(value, str) or not value:
             raise ConfigError(
-                f"{table._name(key)}: entry {position} must be a non-empty string, got {value!r}"
+                f"{table.key_name(key)}: entry {position} must be a non-empty string, got {value!r}"
             )
     return list(values)
 
@@ -104,7 +105,7 @@ def list_of(table: Table, key: str, kind: type, what: str) -> list[Any]:
     for position, item in enumerate(items, start=1):
         if not isinstance(item, kind):
             raise ConfigError(
-                f"{table._name(key)}: expected a list of {what}, item {position} is "
+                f"{table.key_name(key)}: expected a list of {what}, item {position} is "
                 f"{type(item).__name__}"
             )
     return list(items)
