@@ -292,7 +292,6 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(path)
     if args.workers == 1:
         return _serve(config, None, lambda: load_config(path), args.pid_file)
-    from proxy.errors import ConfigError
     from proxy.net.workers import Supervisor, worker_command
 
     if args.pid_file is not None:
@@ -312,8 +311,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _reload(args: argparse.Namespace) -> int:
-    from proxy.errors import ConfigError
-
     pid = args.pid
     if args.pid_file is not None:
         try:
