@@ -13,8 +13,8 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
@@ -26,6 +26,7 @@ from tests.support import (
     ProxyFactory,
     ProxyProcess,
     RecordingUpstream,
+    StartedProxies,
     StartOnFaulthsm,
     make_hsm,
     start_upstream,
@@ -112,16 +113,9 @@ def upstream() -> Iterator[RecordingUpstream]:
 def proxy_factory(
     tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
 ) -> Iterator[ProxyFactory]:
-    started: list[ProxyProcess] = []
-
-    def start(key: str = "ec256", **overrides: Any) -> ProxyProcess:
-        process = ProxyProcess.start(tmp_path, hsm, ca, upstream.url, key, **overrides)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
+    proxies = StartedProxies(tmp_path, hsm, ca)
+    yield partial(proxies.start, upstream.url)
+    proxies.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -195,14 +189,6 @@ def tcp_proxy(
 ) -> Iterator[ProxyFactory]:
     """Starts a proxy whose top-level upstream is tcp:// to ``byte_upstream``:
     ``tcp_proxy(extra="[http]\\nshutdown_grace = 3\\n")``."""
-    started: list[ProxyProcess] = []
-
-    def start(**overrides: Any) -> ProxyProcess:
-        url = f"tcp://127.0.0.1:{byte_upstream.port}"
-        process = ProxyProcess.start(tmp_path, hsm, ca, url, "ec256", **overrides)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
+    proxies = StartedProxies(tmp_path, hsm, ca)
+    yield partial(proxies.start, f"tcp://127.0.0.1:{byte_upstream.port}", "ec256")
+    proxies.stop_all()

@@ -23,6 +23,7 @@ from tests.support import (
     HSM,
     TOKEN_PIN,
     ProxyProcess,
+    StartedProxies,
     StartProxy,
     free_port,
     issue_chain,
@@ -41,17 +42,13 @@ def exportable_key(hsm: HSM) -> str:
 
 @pytest.fixture
 def start_proxy(tmp_path: Path, hsm: HSM, ca: trustme.CA) -> Iterator[StartProxy]:
-    started: list[ProxyProcess] = []
+    proxies = StartedProxies(tmp_path, hsm, ca)
 
     def start(upstream_url: str, http: str = "", extra: str = "") -> ProxyProcess:
-        text = f"\n[http]\n{http}\n{extra}" if http else extra
-        process = ProxyProcess.start(tmp_path, hsm, ca, upstream_url, "ec256", extra=text)
-        started.append(process)
-        return process
+        return proxies.start(upstream_url, extra=f"\n[http]\n{http}\n{extra}" if http else extra)
 
     yield start
-    for process in started:
-        process.stop()
+    proxies.stop_all()
 
 
 @pytest.fixture

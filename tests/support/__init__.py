@@ -410,6 +410,27 @@ def https_request(
     return Reply(int(status_line.split()[1]), parsed, payload, version, alpn)
 
 
+class StartedProxies:
+    """Proxy processes started for one test (:meth:`start`, as :meth:`ProxyProcess.start`
+    in ``directory`` with ``hsm`` and ``ca``), all stopped by :meth:`stop_all`: what the
+    proxy-starting fixtures share."""
+
+    def __init__(self, directory: Path, hsm: HSM, ca: trustme.CA) -> None:
+        self.directory, self.hsm, self.ca = directory, hsm, ca
+        self.started: list[ProxyProcess] = []
+
+    def start(self, upstream_url: str, key: str = "ec256", **options: Any) -> ProxyProcess:
+        process = ProxyProcess.start(
+            self.directory, self.hsm, self.ca, upstream_url, key, **options
+        )
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            process.stop()
+
+
 # Starts a proxy in front of an upstream URL (the start_proxy fixture of the integration tests).
 StartProxy = Callable[..., ProxyProcess]
 
