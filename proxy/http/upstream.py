@@ -233,10 +233,6 @@ class UpstreamPool:
         self._balancer = Balancer(group, http.down_time)
         self.connections_opened = 0
 
-    @property
-    def idle_count(self) -> int:
-        return sum(len(idle) for idle in self._idle.values())
-
     def _take_idle(self, server: UpstreamConfig) -> UpstreamConnection | None:
         idle = self._idle[server]
         now = time.monotonic()
