@@ -19,9 +19,6 @@ from proxy.net.pipeline import ServerState
 from proxy.ops.admin import Operations, sign_probes
 from proxy.tcp.proxyproto import LOCAL_HEADER
 
-_ADMIN_TIMEOUT_SECONDS = 10.0
-_ADMIN_RECEIVE_SIZE = 16384
-
 
 async def probe_readiness(state: ServerState, operations: Operations, interval: float) -> None:
     """Every ``interval`` seconds: token test signatures, a TCP connection upstream."""
