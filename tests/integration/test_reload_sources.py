@@ -301,6 +301,56 @@ def test_aws_secrets_manager_rotation_reaches_new_handshakes(
     assert https_request(proxy.port, context).status == 200
 
 
+def test_fields_of_one_json_aws_secret_serve_and_a_bad_field_keeps_the_old_generation(
+    moto: str, tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    import json
+
+    pin = hsm.pin_file.read_text().strip()
+    client = boto3.client("secretsmanager", endpoint_url=moto, region_name="eu-west-1")
+
+    def push(**fields: object) -> None:
+        client.put_secret_value(SecretId="proxy/hsm", SecretString=json.dumps(fields))
+
+    first_chain = issue_chain(ca, hsm.public_keys["ec256"]).decode()
+    client.create_secret(
+        Name="proxy/hsm", SecretString=json.dumps({"pin": pin, "chain": first_chain})
+    )
+    config = _write_config(
+        tmp_path,
+        f'listen = "127.0.0.1:0"\nupstream = "{upstream.url}"\n\n'
+        f'[token]\nmodule = "{hsm.module}"\npin = "aws-sm:proxy/hsm#pin"\nsessions = 2\n\n'
+        f'[tls]\ncertificate = "aws-sm:proxy/hsm#chain"\nkey = "{hsm.uri("ec256")}"\n\n'
+        f'[aws]\nendpoint_url = "{moto}"\nregion = "eu-west-1"\n',
+    )
+    proxy = launch(tmp_path, config)
+    context = client_context(ca)
+    first = serial_of(proxy.port, context)
+    # A new chain in the same secret reaches new handshakes.
+    push(pin=pin, chain=issue_chain(ca, hsm.public_keys["ec256"]).decode())
+    wait_until(lambda: serial_of(proxy.port, context) != first, what="the new serial")
+    second = serial_of(proxy.port, context)
+    # A secret without the field, then with a number in it: refused, the old one serves on.
+    push(PIN=pin, chain=first_chain)
+    failed = proxy.wait_for_log(lambda entry: entry.get("event") == "reload_failed", timeout=30)
+    assert (
+        "still serving generation 2: PIN in AWS Secrets Manager secret 'proxy/hsm', field "
+        "'pin': read failed: the secret has no field 'pin' (its fields: 'PIN', 'chain')"
+    ) in str(failed["message"])
+    assert serial_of(proxy.port, context) == second
+    push(pin=4821, chain=first_chain)
+    failed = proxy.wait_for_log(
+        lambda entry: entry.get("event") == "reload_failed" and "number" in entry["message"],
+        timeout=30,
+    )
+    assert "field 'pin': read failed: the field's value is a number, not a string" in str(
+        failed["message"]
+    )
+    assert serial_of(proxy.port, context) == second
+    assert https_request(proxy.port, context).status == 200
+    assert pin not in proxy.log_path.read_text()
+
+
 def test_aws_secret_that_does_not_exist_is_a_clear_start_up_error(
     moto: str, tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
 ) -> None:

@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError, NoRegionError
 
 from proxy.config import ProxyConfig, parse_config
 from proxy.errors import ConfigError, SecretError
-from proxy.secrets.aws import AWSSecretSource
+from proxy.secrets.aws import AWSSecretSource, select_field
 from proxy.secrets.env import EnvSource
 from proxy.secrets.file import FileSource
 from proxy.secrets.reference import SCHEMES, SecretRef, parse_reference
@@ -57,6 +57,8 @@ def _refused(text: str, what: str = "certificate chain", **options: Any) -> str:
                 "arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/chain-AbCdEf"
             ),
         ),
+        ("aws-sm:prod/hsm#chain", AWSSecretSource("prod/hsm", "chain")),
+        ("aws-sm:prod/hsm#tls chain.pem", AWSSecretSource("prod/hsm", "tls chain.pem")),
     ],
 )
 def test_references_name_their_source(text: str, source: SecretSource) -> None:
@@ -90,6 +92,10 @@ def test_a_reference_describes_its_secret_and_how_to_watch_it() -> None:
     aws = parse_reference("aws-sm:prod/pin", what="PIN", base=BASE)
     assert aws.describe() == "PIN in AWS Secrets Manager secret 'prod/pin'"
     assert aws.watch() == Watch(POLL_AWS)
+    field = parse_reference("aws-sm:prod/hsm#pin", what="PIN", base=BASE)
+    assert field.describe() == "PIN in AWS Secrets Manager secret 'prod/hsm', field 'pin'"
+    assert field.reference == "aws-sm:prod/hsm#pin"
+    assert field != parse_reference("aws-sm:prod/hsm#other", what="PIN", base=BASE)
     assert not _parse("chain.pem").private  # a certificate chain is public
     loose = parse_reference("pin", what="PIN", base=BASE, allow_insecure_permissions=True)
     assert not loose.private
@@ -134,6 +140,14 @@ def test_a_reference_describes_its_secret_and_how_to_watch_it() -> None:
         ),
         ("aws-sm:prod chain", "tls.certificate: aws-sm: needs an AWS Secrets Manager secret"),
         ("aws-sm:" + "x" * 2049, "tls.certificate: aws-sm: needs an AWS Secrets Manager secret"),
+        ("aws-sm:#chain", "tls.certificate: aws-sm: needs an AWS Secrets Manager secret"),
+        (
+            "aws-sm:prod/hsm#",
+            "tls.certificate: aws-sm: needs a field name after '#' (1 to 1024 characters, no "
+            "control character and no second '#')",
+        ),
+        ("aws-sm:prod/hsm#a#b", "tls.certificate: aws-sm: needs a field name after '#'"),
+        ("aws-sm:prod/hsm#a\tb", "tls.certificate: aws-sm: needs a field name after '#'"),
     ],
 )
 def test_bad_references_are_refused_naming_the_key(text: str, message: str) -> None:
@@ -383,6 +397,44 @@ def test_aws_call_failures_name_the_secret_the_call_and_the_code() -> None:
         "PIN in AWS Secrets Manager secret 'prod/pin': describe_secret failed: You must "
         "specify a region."
     )
+
+
+WHERE = "PIN in AWS Secrets Manager secret 'prod/hsm', field 'pin'"
+
+
+def test_a_field_of_a_json_secret_is_its_string_value_as_utf8() -> None:
+    assert select_field('{"user": "ops", "pin": "4821-\u00e9"}', "pin", WHERE) == (
+        "4821-\u00e9".encode()
+    )
+    # A duplicate elsewhere (another member, a nested object) does not matter.
+    assert select_field('{"a": 1, "a": 2, "pin": "x", "n": {"pin": 1, "pin": 2}}', "pin", WHERE)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"user": "ops", "PIN": "4821"}', "has no field 'pin' (its fields: 'PIN', 'user')"),
+        ("{}", "has no field 'pin' (its fields: none)"),
+        ('{"pin": 4821}', "the field's value is a number, not a string"),
+        ('{"pin": 48.21}', "the field's value is a number, not a string"),
+        ('{"pin": null}', "the field's value is null, not a string"),
+        ('{"pin": true}', "the field's value is a boolean, not a string"),
+        ('{"pin": ["4821"]}', "the field's value is an array, not a string"),
+        ('{"pin": {"v": "4821"}}', "the field's value is an object, not a string"),
+        ('{"pin": "4821", "pin": "9999"}', "the secret names field 'pin' more than once"),
+        ("4821", "the secret's SecretString is JSON but not an object"),
+        ('["4821"]', "the secret's SecretString is JSON but not an object"),
+        ("pin=4821", "the secret's SecretString is not JSON, so it has no field 'pin'"),
+    ],
+)
+def test_a_field_that_is_missing_or_not_a_string_is_refused_without_its_value(
+    text: str, message: str
+) -> None:
+    with pytest.raises(SecretError) as caught:
+        select_field(text, "pin", WHERE)
+    assert str(caught.value).startswith(f"{WHERE}: ")
+    assert message in str(caught.value)
+    assert "4821" not in str(caught.value)
 
 
 def test_the_store_lends_aws_sources_its_one_client(monkeypatch: pytest.MonkeyPatch) -> None:
