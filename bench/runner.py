@@ -3,7 +3,7 @@
 Theory of operation. :func:`main` makes everything in one temporary directory: a SoftHSM2
 token holding a P-256 key (made with the project's own provisioning helpers), a dev CA that
 issues one certificate for the token key and one for a software key, a loopback backend
-(nginx, plaintext, answering 100 bytes or 1 MiB), and the contenders:
+(nginx, plaintext, answering 100 bytes, 64 KiB or 1 MiB), and the contenders:
 
 * ``proxy``: ``hsm-proxy run`` (one process) on the token key;
 * ``proxy-2w``: the same with ``--workers 2``, when the proxy has that option;
@@ -94,6 +94,7 @@ IDLE_CONNECTIONS = 5000  # scenario 5
 FOREIGN_LIMIT = 0.25
 FOREIGN_FRONT_LIMIT = 0.10
 SMALL_BODY = b"x" * 99 + b"\n"  # 100 bytes
+MEDIUM_BODY = 65536  # scenario 4b
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DELAYS = {"2a": 2.0, "2b": 10.0}
 FULL_HANDSHAKE_SCENARIOS = ("1", RSA_SCENARIO, *DELAYS)
@@ -147,6 +148,29 @@ def cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
             fields = _stat_fields(pid)
             result[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return result
+
+
+def kernel_seconds(pids: Sequence[int]) -> float:
+    """stime of the processes (all their threads), in seconds: their CPU inside the kernel."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int(_stat_fields(pid)[12]) / CLOCK_TICKS
+    return total
+
+
+def context_switches(pids: Sequence[int]) -> int:
+    """Voluntary and involuntary context switches of every thread of the processes (a
+    thread that exited takes its count along; trio keeps its worker threads for a while)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    for line in (task / "status").read_text().splitlines():
+                        if "ctxt_switches:" in line:
+                            total += int(line.split()[1])
+    return total
 
 
 def machine_busy_seconds(cores: str | None = None) -> float:
@@ -377,11 +401,12 @@ def nginx_config(directory: Path, env: Sequence[str], http: str) -> Path:
 
 
 class Backend(Pinned):
-    """Plaintext nginx on loopback: /small answers 100 bytes, /large 1 MiB."""
+    """Plaintext nginx on loopback: /small answers 100 bytes, /medium 64 KiB, /large 1 MiB."""
 
     def start(self) -> None:
         self.port = free_port()
         (self.dir / "large").write_bytes(os.urandom(1024 * 1024))
+        (self.dir / "medium").write_bytes(os.urandom(MEDIUM_BODY))
         http = f"""
   access_log off;
   sendfile on;
@@ -389,6 +414,7 @@ class Backend(Pinned):
     listen 127.0.0.1:{self.port} backlog=4096;
     location = /small {{ default_type text/plain; return 200 "{SMALL_BODY.decode().strip()}\\n"; }}
     location = /large {{ alias {self.dir}/large; default_type application/octet-stream; }}
+    location = /medium {{ alias {self.dir}/medium; default_type application/octet-stream; }}
   }}"""
         config = nginx_config(self.dir, [], http)
         process = self.launch(["nginx", "-e", str(self.dir / "error.log"), "-c", str(config)], {})
@@ -634,9 +660,13 @@ class Window:
     client: float = 0.0
     own: float = 0.0
     front_busy: float = 0.0
+    front_kernel: float = 0.0
+    front_switches: int = 0
 
     def __enter__(self) -> Window:
         self.front = cpu_seconds(self.contender.pids())
+        self.front_kernel = kernel_seconds(self.contender.pids())
+        self.front_switches = context_switches(self.contender.pids())
         self.back = cpu_seconds(self.backend.pids())
         self.client = children_cpu_seconds()
         self.own = sum(cpu_seconds([os.getpid()]).values())
@@ -654,6 +684,8 @@ class Window:
             return sum(after[pid] - before.get(pid, 0.0) for pid in after)
 
         self.front_cpu = used(self.front, cpu_seconds(self.contender.pids()))
+        self.front_kernel = kernel_seconds(self.contender.pids()) - self.front_kernel
+        self.front_switches = context_switches(self.contender.pids()) - self.front_switches
         back_cpu = used(self.back, cpu_seconds(self.backend.pids()))
         self.client_cpu = children_cpu_seconds() - self.client
         own_cpu = sum(cpu_seconds([os.getpid()]).values()) - self.own
@@ -774,7 +806,7 @@ class Bench:
         if scenario == "5":
             return self.measure_memory(contender, name, repetition)
         full = scenario in FULL_HANDSHAKE_SCENARIOS
-        path = "/large" if scenario == "4" else "/small"
+        path = {"4": "/large", "4b": "/medium"}.get(scenario, "/small")
         connections = THROUGHPUT_CONNECTIONS if scenario == "4" else CONNECTIONS
         close = full or scenario == "6"
         noresume = self.material.noresume if full else None
@@ -784,6 +816,7 @@ class Bench:
             )
         mark = contender.log_mark()
         profiler = self.start_profiler(contender, scenario, repetition)
+        sampler = self.start_perf(contender, scenario, repetition)
         with Window(contender, self.backend) as window:
             result = run_wrk(
                 self.cores,
@@ -796,16 +829,19 @@ class Bench:
             )
         if profiler is not None:
             profiler.wait()
+        if sampler is not None:
+            sampler.send_signal(signal.SIGINT)
+            sampler.wait()
         time.sleep(0.2)  # let the last log lines land
         counts = contender.handshakes_since(mark)
-        if scenario in ("3", "4") and isinstance(contender, NginxContender):
+        if scenario in ("3", "4", "4b") and isinstance(contender, NginxContender):
             counts = {}  # $ssl_session_reused is per request: it says nothing here
         requests = result["requests"]
         duration = result["duration_us"] / 1e6
         rate = requests / duration
         share = max(window.front_share, 1e-6)
         figures: dict[str, float] = {}
-        if scenario == "4":
+        if scenario in ("4", "4b"):
             megabytes = result["bytes"] / 1e6 / duration
             figures = {"MB/s": megabytes, "MB/s per core": megabytes / share}
         elif scenario == "3":
@@ -832,6 +868,10 @@ class Bench:
                 4,
             ),
             "frontend_cpu_share": round(window.front_share, 3),
+            # For bench/breakdown.py: CPU per operation, and how much of it the kernel's.
+            "frontend_cpu_seconds": round(window.front_cpu, 3),
+            "frontend_kernel_seconds": round(window.front_kernel, 3),
+            "frontend_context_switches": window.front_switches,
             "client_cpu_share": round(window.client_cpu / window.wall, 3),
             "foreign_cpu_on_frontend_core": round(window.foreign_front, 3),
             **counts,
@@ -875,6 +915,22 @@ class Bench:
         ]
         argv += ["--rate", "250", "--duration", str(max(1, round(self.args.seconds)))]
         argv += ["--output", str(output), "--pid", str(contender.process.pid)]
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start_perf(
+        self, contender: Contender, scenario: str, repetition: int
+    ) -> subprocess.Popen[bytes] | None:
+        """With --profile and Linux perf installed: perf samples the proxy's CPU by shared
+        object (the interpreter, libssl, libcrypto, the kernel, SoftHSM2) for breakdown.py."""
+        if not self.args.profile or not isinstance(contender, ProxyContender):
+            return None
+        if shutil.which("perf") is None:
+            return None
+        assert contender.process is not None
+        output = self.args.profile / f"{contender.name}-s{scenario}-r{repetition}.perf"
+        pids = ",".join(map(str, contender.pids()))
+        argv = ["taskset", "-c", self.cores.client, "perf", "record", "-q", "-F", "499"]
+        argv += ["-o", str(output), "-p", pids]
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def measure_memory(self, contender: Contender, name: str, repetition: int) -> Run:
@@ -1012,7 +1068,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument(
         "--scenarios",
-        default=",".join(("1", RSA_SCENARIO, "2a", "2b", "3", "4", "5", "6")),
+        default=",".join(("1", RSA_SCENARIO, "2a", "2b", "3", "4", "4b", "5", "6")),
         type=lambda text: text.split(","),
     )
     parser.add_argument("--quick", action="store_true", help="1 repetition of 2 s: a smoke run")

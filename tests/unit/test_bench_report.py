@@ -25,7 +25,7 @@ def test_results_json_has_the_issue_schema_with_median_min_max(tmp_path: Path) -
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert all(set(entry) == KEYS for entry in results)
-    assert {entry["scenario"] for entry in results} <= {"1", "2a", "2b", "3", "4", "5", "6"}
+    assert {entry["scenario"] for entry in results} <= {"1", "2a", "2b", "3", "4", "4b", "5", "6"}
     assert {entry["contender"] for entry in results} <= {
         "proxy",
         "proxy-2w",
