@@ -37,12 +37,11 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
 
 import h11
 import trio
 
-from proxy.config import DEFAULT_UPSTREAM, HTTPConfig, ProxyConfig, Route, UpstreamGroup
+from proxy.config import DEFAULT_UPSTREAM, HTTPConfig, ProxyConfig
 from proxy.http.rules import (
     IDEMPOTENT_METHODS,
     ClientInfo,
@@ -56,7 +55,12 @@ from proxy.http.rules import (
     switching_response,
     upstream_request,
 )
-from proxy.http.upstream import UpstreamConnection, UpstreamFailure, UpstreamPool
+from proxy.http.upstream import (
+    Routing,
+    UpstreamConnection,
+    UpstreamFailure,
+    UpstreamPools,
+)
 from proxy.net.pipeline import Client, ClientGone, ServerState
 from proxy.ops.admin import Metrics
 from proxy.ops.hardening import redact_headers
@@ -74,44 +78,22 @@ class _Reject(Exception):
         self.status = status
 
 
-@dataclass(frozen=True)
-class Routing:
-    """The upstream pools and routes one configuration uses."""
-
-    routes: tuple[Route, ...]
-    pools: dict[str, UpstreamPool]
-
-
 class HTTP1Handler:
     """HTTP/1.1 to clients, forwarded to HTTP/1.1 upstreams through shared keep-alive pools."""
 
-    def __init__(self) -> None:
-        # Pools are shared by every configuration that names the same upstream group.
-        self._pools: dict[tuple[UpstreamGroup, HTTPConfig], UpstreamPool] = {}
-        self._routing: tuple[ProxyConfig, Routing] | None = None
+    def __init__(self, pools: UpstreamPools | None = None) -> None:
+        # The pools are shared with the HTTP/2 handler (net/server.py); this handler sweeps
+        # and closes them.
+        self.pools = pools if pools is not None else UpstreamPools()
 
     def routing(self, config: ProxyConfig) -> Routing:
-        if self._routing is not None and self._routing[0] is config:
-            return self._routing[1]
-        pools = {}
-        for group in config.upstream_groups():
-            if group.tcp:
-                continue  # served by the TCP passthrough handler
-            key = (group, config.http)
-            if key not in self._pools:
-                self._pools[key] = UpstreamPool(group, config.http)
-            pools[group.name] = self._pools[key]
-        routing = Routing(config.routes, pools)
-        self._routing = (config, routing)
-        return routing
+        return self.pools.routing(config)
 
     def sweep(self) -> None:
-        for pool in list(self._pools.values()):
-            pool.sweep()
+        self.pools.sweep()
 
     def close(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
+        self.pools.close()
 
     async def serve(self, client: Client) -> CloseMode:
         http = client.generation.config.http

@@ -33,11 +33,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 
 import h11
 import trio
 
-from proxy.config import HTTPConfig, UpstreamConfig, UpstreamGroup
+from proxy.config import HTTPConfig, ProxyConfig, Route, UpstreamConfig, UpstreamGroup
 from proxy.errors import UpstreamError
 from proxy.net.balancer import Balancer
 from proxy.net.sockets import TCPStream, connect_tcp
@@ -297,3 +298,44 @@ class UpstreamPool:
         for idle in self._idle.values():
             while idle:
                 idle.popleft().stream.close()
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The upstream pools and routes one configuration uses."""
+
+    routes: tuple[Route, ...]
+    pools: dict[str, UpstreamPool]
+
+
+class UpstreamPools:
+    """Every upstream pool of a server, shared by the protocol handlers that forward HTTP
+    (HTTP/1.1 and HTTP/2 clients reach the same keep-alive connections), and by every
+    configuration that names the same upstream group with the same ``[http]`` settings."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[UpstreamGroup, HTTPConfig], UpstreamPool] = {}
+        self._routing: tuple[ProxyConfig, Routing] | None = None
+
+    def routing(self, config: ProxyConfig) -> Routing:
+        if self._routing is not None and self._routing[0] is config:
+            return self._routing[1]
+        pools = {}
+        for group in config.upstream_groups():
+            if group.tcp:
+                continue  # served by the TCP passthrough handler
+            key = (group, config.http)
+            if key not in self._pools:
+                self._pools[key] = UpstreamPool(group, config.http)
+            pools[group.name] = self._pools[key]
+        routing = Routing(config.routes, pools)
+        self._routing = (config, routing)
+        return routing
+
+    def sweep(self) -> None:
+        for pool in list(self._pools.values()):
+            pool.sweep()
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
