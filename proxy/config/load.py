@@ -107,16 +107,18 @@ def _secret(
     return SecretRef(source, what=what, allow_insecure_permissions=allow_insecure)
 
 
-def _parse_client_auth(table: Table, base: Path) -> ClientAuthPolicy:
+def _parse_client_auth(
+    table: Table, base: Path, where: str = "tls.client_auth"
+) -> ClientAuthPolicy:
     mode = table.take("mode", str, "require")
     if mode not in MODES:
         raise ConfigError(
-            f"tls.client_auth.mode: {mode!r} is not one of {', '.join(MODES)} "
-            "(leave out the [tls.client_auth] table to turn client certificates off)"
+            f"{where}.mode: {mode!r} is not one of {', '.join(MODES)} "
+            f"(leave out the [{where}] table to turn client certificates off)"
         )
     ca = _secret(
         table,
-        "tls.client_auth",
+        where,
         "ca",
         {"ca_aws_secret": AWSSecretSource.from_locator},
         base,
@@ -124,7 +126,7 @@ def _parse_client_auth(table: Table, base: Path) -> ClientAuthPolicy:
     )
     if ca is None:
         raise ConfigError(
-            "tls.client_auth: set ca (a PEM file of the CAs that issue client certificates, "
+            f"{where}: set ca (a PEM file of the CAs that issue client certificates, "
             f"or a reference to it: {_FORMS}) or ca_aws_secret (an AWS Secrets Manager "
             "secret id holding it)"
         )
@@ -132,20 +134,23 @@ def _parse_client_auth(table: Table, base: Path) -> ClientAuthPolicy:
     allow_dns = string_list(table, "allow_dns")
     allow_uri = string_list(table, "allow_uri")
     pins = [
-        parse_spki_pin(text, f"tls.client_auth.allow_spki_sha256[{position}]")
+        parse_spki_pin(text, f"{where}.allow_spki_sha256[{position}]")
         for position, text in enumerate(string_list(table, "allow_spki_sha256"), start=1)
     ]
     allow_any = table.take("allow_any", bool, False)
     table.finish()
-    return ClientAuthPolicy(
-        mode=mode,  # type: ignore[arg-type]
-        ca=ca,
-        allow_cn=frozenset(allow_cn),
-        allow_dns=frozenset(name.lower() for name in allow_dns),
-        allow_uri=frozenset(allow_uri),
-        allow_spki_sha256=frozenset(pins),
-        allow_any=allow_any,
-    )
+    try:
+        return ClientAuthPolicy(
+            mode=mode,  # type: ignore[arg-type]
+            ca=ca,
+            allow_cn=frozenset(allow_cn),
+            allow_dns=frozenset(name.lower() for name in allow_dns),
+            allow_uri=frozenset(allow_uri),
+            allow_spki_sha256=frozenset(pins),
+            allow_any=allow_any,
+        )
+    except ConfigError as exc:  # its messages name the listener's table
+        raise ConfigError(str(exc).replace("tls.client_auth:", f"{where}:", 1)) from None
 
 
 def _parse_security(table: Table) -> SecurityConfig:
@@ -229,10 +234,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
     timeout = positive(
         tls_table.take("handshake_timeout", (int, float), 10.0), "tls.handshake_timeout"
     )
-    sni = tuple(
-        _site(Table(item, f"tls.sni[{number}]."), base, f"tls.sni[{number}]")
-        for number, item in enumerate(list_of(tls_table, "sni", dict, "tables"), start=1)
-    )
+    sni_tables = list_of(tls_table, "sni", dict, "tables")
     insecure = security.allow_insecure_secret_files
     tickets = [
         parse_reference(
@@ -282,6 +284,10 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
         else _parse_client_auth(Table(client_auth_table, "tls.client_auth."), base)
     )
     tls_table.finish()
+    sni = tuple(
+        _site(Table(item, f"tls.sni[{number}]."), base, f"tls.sni[{number}]", client_auth)
+        for number, item in enumerate(sni_tables, start=1)
+    )
 
     reload = ReloadConfig()
     if "reload" in data:
@@ -308,6 +314,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
         )
         aws_table.finish()
     http, tcp, upstreams, routes = parse_forwarding(root, upstream, sni)
+    check_client_auth_boundaries(client_auth, sni, bool(routes))
     admin = None
     if "admin" in data:
         admin_table = root.table("admin")
@@ -378,10 +385,76 @@ def _key_uri(table: Table, where: str) -> KeyURI:
         raise ConfigError(f"{where}.key: {exc}") from None
 
 
-def _site(table: Table, base: Path, where: str) -> SiteConfig:
+def _site(
+    table: Table, base: Path, where: str, listener_auth: ClientAuthPolicy | None
+) -> SiteConfig:
     certificate = _certificate(table, where, base)
     key = _key_uri(table, where)
     names = tuple(list_of(table, "names", str, "server names"))
     upstream = table.take("upstream", str, DEFAULT_UPSTREAM)  # checked in parse_forwarding
+    ocsp_response = _secret(
+        table,
+        where,
+        "ocsp_response",
+        {"ocsp_response_aws_secret": AWSSecretSource.from_locator},
+        base,
+        "OCSP response",
+    )
+    # Absent: the listener's [tls.client_auth]; a table: this name's own; false: none.
+    own = table.take("client_auth", (dict, bool), None)
+    if own is True:
+        raise ConfigError(
+            f"{where}.client_auth: true is not a setting: leave the key out to use "
+            "[tls.client_auth], give a [tls.sni.client_auth] table of this name's own, "
+            "or write false to serve this name without client certificates"
+        )
+    client_auth = listener_auth
+    if isinstance(own, dict):
+        client_auth = _parse_client_auth(
+            Table(own, f"{where}.client_auth."), base, f"{where}.client_auth"
+        )
+    elif own is False:
+        client_auth = None
     table.finish()
-    return SiteConfig(certificate=certificate, key=key, names=names, upstream=upstream)
+    return SiteConfig(
+        certificate=certificate,
+        key=key,
+        names=names,
+        upstream=upstream,
+        ocsp_response=ocsp_response,
+        client_auth=client_auth,
+    )
+
+
+def check_client_auth_boundaries(
+    listener: ClientAuthPolicy | None, sites: tuple[SiteConfig, ...], routed: bool
+) -> None:
+    """Server names with different client-certificate rules must not share an upstream.
+
+    The rules are chosen by the TLS server name, the backend by the HTTP Host header: a
+    client could present the SNI name of a lenient site and the Host of a strict one. So
+    when the rules differ, each upstream group is reached by sites of one rule only, and
+    [[routes]] (which choose by Host) are refused."""
+    rules: dict[str, tuple[ClientAuthPolicy | None, str]] = {
+        DEFAULT_UPSTREAM: (listener, "the default certificate ([tls])")
+    }
+    differ = any(site.client_auth != listener for site in sites)
+    if not differ:
+        return
+    if routed:
+        raise ConfigError(
+            "[[routes]] choose upstreams by the Host header, but [[tls.sni]] entries have "
+            "client-certificate rules (client_auth) of their own, chosen by the TLS server "
+            "name: a client could send one name's Host on another name's connection. Give "
+            "each such name its own upstream (tls.sni[N].upstream) instead of routes"
+        )
+    for number, site in enumerate(sites, start=1):
+        here = f"tls.sni[{number}]"
+        if site.upstream in rules and rules[site.upstream][0] != site.client_auth:
+            raise ConfigError(
+                f"{here}.upstream: {site.upstream!r} also serves {rules[site.upstream][1]}, "
+                "whose client-certificate rules (client_auth) differ from this name's; a "
+                "client could reach this upstream through the other name's rules. Give "
+                "names with different client_auth different upstreams"
+            )
+        rules.setdefault(site.upstream, (site.client_auth, here))

@@ -65,6 +65,10 @@ class SiteConfig:
     key: KeyURI
     names: tuple[str, ...] = ()  # empty: the certificate's DNS names
     upstream: str = "default"  # the upstream group serving this name's connections
+    ocsp_response: SecretRef | None = None  # the staple for this certificate
+    # Client certificates for this name: the listener's [tls.client_auth] unless the entry
+    # has its own table, or None (its ``client_auth = false``, or none at all).
+    client_auth: ClientAuthPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -133,10 +137,12 @@ class ProxyConfig:
         refs = [self.token.pin, self.tls.certificate_ref()]
         refs += [site.certificate for site in self.tls.sni]
         refs += list(self.tls.session_ticket_keys)
-        if self.tls.client_auth is not None:
-            refs.append(self.tls.client_auth.ca)
-        if self.tls.ocsp_response is not None:
-            refs.append(self.tls.ocsp_response)
+        for policy in (self.tls.client_auth, *(site.client_auth for site in self.tls.sni)):
+            if policy is not None and policy.ca not in refs:
+                refs.append(policy.ca)
+        for staple in (self.tls.ocsp_response, *(site.ocsp_response for site in self.tls.sni)):
+            if staple is not None:
+                refs.append(staple)
         return refs
 
     def upstream_groups(self) -> tuple[UpstreamGroup, ...]:

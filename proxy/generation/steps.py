@@ -9,8 +9,9 @@ as tables below, the code that walks them in build.py).
 2. A step runs once per item its ``each`` finds in the config: once; once per served
    certificate ("site": 0 is the default certificate of ``[tls]``, n is ``[[tls.sni]]``
    number n, so the rows are ``key``, ``sni[1] key``, ...); once per configured
-   session-ticket key; or not at all when the config does not ask for it (no client auth,
-   no OCSP staple, no SNI). A step that does not run has no row.
+   session-ticket key; once per site that has its own client-auth policy or OCSP staple;
+   or not at all when the config does not ask for it (no client auth, no OCSP staple, no
+   SNI). A step that does not run has no row.
 3. ``needs`` names the steps whose results a step uses (``{site}`` is the step's own site).
    A reload or ``run`` stops at the first failure, so everything needed is there; ``hsm-proxy
    check`` runs every step and skips one whose needed step did not succeed, with that
@@ -33,7 +34,7 @@ the command line; nothing here runs an event loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, cast
@@ -78,8 +79,9 @@ class Workbench:
     previous: Generation | None = None
     chains: dict[int, Chain] = field(default_factory=dict)
     tickets: list[TicketKey] = field(default_factory=list, repr=False)
-    client_auth: ClientAuthPolicy | None = None
-    ocsp: bytes | None = None
+    # Each distinct client-auth policy with its CA bundle read (by the config's policy).
+    client_auth: dict[ClientAuthPolicy, ClientAuthPolicy] = field(default_factory=dict)
+    ocsp: dict[int, bytes] = field(default_factory=dict)
     pin: str | None = field(default=None, repr=False)
     token: Token | None = None
     keys: dict[int, TokenKey] = field(default_factory=dict)
@@ -117,7 +119,7 @@ StepFunction = Callable[[Workbench, int], str | Caution]
 @dataclass(frozen=True)
 class Step:
     name: str  # the row's name; {site} becomes "" or "sni[n] ", {n} the item's number
-    each: Callable[[ProxyConfig], range]  # the items it runs for (an empty range: no row)
+    each: Callable[[ProxyConfig], Sequence[int]]  # the items it runs for (none: no row)
     needs: tuple[str, ...]  # names of the steps whose results it uses
     run: StepFunction
 
@@ -232,6 +234,14 @@ def _key_uri(config: ProxyConfig, site: int) -> KeyURI:
     return config.tls.sni[site - 1].key if site else config.tls.key
 
 
+def _client_auth_of(config: ProxyConfig, site: int) -> ClientAuthPolicy | None:
+    return config.tls.sni[site - 1].client_auth if site else config.tls.client_auth
+
+
+def _ocsp_ref(config: ProxyConfig, site: int) -> SecretRef | None:
+    return config.tls.sni[site - 1].ocsp_response if site else config.tls.ocsp_response
+
+
 def _dns_names(chain: Chain) -> tuple[str, ...]:
     from cryptography import x509
 
@@ -270,15 +280,16 @@ def _ticket_key(bench: Workbench, number: int) -> str:
     return f"{ref.describe()}: a valid session-ticket key"
 
 
-def _client_auth(bench: Workbench, _item: int) -> str:
-    """The client-auth policy with its CA bundle read now (every generation reads it)."""
-    policy = bench.config.tls.client_auth
+def _client_auth(bench: Workbench, site: int) -> str:
+    """A site's client-auth policy with its CA bundle read now (every generation reads it;
+    a ``[[tls.sni]]`` entry that inherits the listener's policy shares its row)."""
+    policy = _client_auth_of(bench.config, site)
     if policy is None:  # pragma: no cover - "each" runs this step only with client auth
-        raise RuntimeError("the client-auth step ran without [tls.client_auth]")
+        raise RuntimeError("the client-auth step ran without a client-auth policy")
     where = policy.ca.describe()
     with checking(where, "read"):
         pem = bench.store.read(policy.ca)
-    bench.client_auth = replace(policy, ca_certificates=load_ca_bundle(pem, where))
+    bench.client_auth[policy] = replace(policy, ca_certificates=load_ca_bundle(pem, where))
     lists = {
         "cn": len(policy.allow_cn),
         "dns": len(policy.allow_dns),
@@ -293,13 +304,13 @@ def _client_auth(bench: Workbench, _item: int) -> str:
     return f"{policy.mode}, CA {where}, allow {allowed}"
 
 
-def _ocsp(bench: Workbench, _item: int) -> str:
-    ref = bench.config.tls.ocsp_response
+def _ocsp(bench: Workbench, site: int) -> str:
+    ref = _ocsp_ref(bench.config, site)
     if ref is None:  # pragma: no cover - "each" runs this step only with a staple
-        raise RuntimeError("the OCSP step ran without tls.ocsp_response")
+        raise RuntimeError("the OCSP step ran without an ocsp_response")
     with checking(ref.describe(), "read"):
         der = bench.store.read(ref)
-    bench.ocsp = check_ocsp_response(der, bench.chains[0], ref.describe())
+    bench.ocsp[site] = check_ocsp_response(der, bench.chains[site], ref.describe())
     return f"{ref.describe()}: good, current, for this certificate"
 
 
@@ -381,17 +392,19 @@ def _names(bench: Workbench, site: int) -> str:
 
 
 def _server_context(bench: Workbench, site: int) -> str:
-    """Every context of the listener gets the TLS policy and the client-auth rules, so no
-    server name can be reached around them; the OCSP staple is the default chain's."""
+    """Every context of the listener gets the TLS policy; each its own site's client-auth
+    rules (the listener's unless its ``[[tls.sni]]`` entry has its own: the config keeps
+    names with different rules on different upstreams) and OCSP staple."""
     policy = cast(TLSPolicy, bench.config.tls.policy)  # config.py checked the name
+    client_auth = _client_auth_of(bench.config, site)
     # The protocols the site's upstream speaks (http/1.1, or a TCP upstream's own list).
     alpn, alpn_required = bench.config.alpn_offer(bench.config.tls.sni[site - 1] if site else None)
     context = build_server_context(
         bench.chains[site],
         bench.keys[site],
         policy=policy,
-        client_auth=bench.client_auth,
-        ocsp_response=None if site else bench.ocsp,
+        client_auth=None if client_auth is None else bench.client_auth[client_auth],
+        ocsp_response=bench.ocsp.get(site),
         alpn=alpn,
         alpn_required=alpn_required,
     )
@@ -424,20 +437,27 @@ def _ticket_refs(config: ProxyConfig) -> range:
     return range(1, 1 + len(config.tls.session_ticket_keys))
 
 
-def _with_client_auth(config: ProxyConfig) -> range:
-    return range(1 if config.tls.client_auth is not None else 0)
+def _with_client_auth(config: ProxyConfig) -> list[int]:
+    """The sites whose client-auth policy is read: the listener's, and each ``[[tls.sni]]``
+    entry's own (one that inherits the listener's has no row of its own)."""
+    sites = [0] if config.tls.client_auth is not None else []
+    return sites + [
+        site
+        for site in _sni_sites(config)
+        if _client_auth_of(config, site) not in (None, config.tls.client_auth)
+    ]
 
 
-def _with_ocsp(config: ProxyConfig) -> range:
-    return range(1 if config.tls.ocsp_response is not None else 0)
+def _with_ocsp(config: ProxyConfig) -> list[int]:
+    return [site for site in _sites(config) if _ocsp_ref(config, site) is not None]
 
 
 STEPS: tuple[Step, ...] = (
     Step("openssl", _once, (), _openssl),
     Step("{site}certificate", _sites, (), _certificate),
     Step("ticket key[{n}]", _ticket_refs, (), _ticket_key),
-    Step("client auth", _with_client_auth, (), _client_auth),
-    Step("ocsp", _with_ocsp, ("certificate",), _ocsp),
+    Step("{site}client auth", _with_client_auth, (), _client_auth),
+    Step("{site}ocsp", _with_ocsp, ("{site}certificate",), _ocsp),
     Step("pin", _once, (), _pin),
     Step("token", _once, ("pin",), _token),
     Step("mechanisms", _once, ("token",), _mechanisms),
@@ -449,7 +469,8 @@ STEPS: tuple[Step, ...] = (
     Step(
         "{site}tls",
         _sni_sites,
-        ("openssl", "{site}match", "{site}names", "client auth"),
+        # "client auth": the listener's policy, which a site may inherit.
+        ("openssl", "{site}match", "{site}names", "client auth", "{site}client auth", "{site}ocsp"),
         _server_context,
     ),
 )
@@ -458,8 +479,8 @@ STEPS: tuple[Step, ...] = (
 MISSING: dict[str, str] = {
     "openssl": "pyOpenSSL does not use the key bridge's libcrypto",
     "{site}certificate": "no valid certificate",
-    "client auth": "no valid client CA bundle",
-    "ocsp": "no valid OCSP response",
+    "{site}client auth": "no valid client CA bundle",
+    "{site}ocsp": "no valid OCSP response",
     "pin": "no usable PIN",
     "token": "no token session",
     "{site}key": "no token key",

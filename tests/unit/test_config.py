@@ -67,3 +67,68 @@ def test_addresses_and_upstreams() -> None:
     assert parse_upstream("http://backend:9000", "x").authority == "backend:9000"
     with pytest.raises(ConfigError, match="without a path"):
         parse_upstream("http://backend/app", "x")
+
+
+SITE: dict[str, object] = {
+    "certificate": "api.pem",
+    "key": "pkcs11:token=t;object=api",
+    "upstream": "api",
+}
+LISTENER_AUTH: dict[str, object] = {"ca": "ca.pem", "allow_any": True}
+
+
+def _with_site(site: dict[str, object], **tls: object) -> dict[str, object]:
+    return _config(
+        tls={"certificate": "chain.pem", "key": "pkcs11:token=t;object=k", "sni": [site], **tls},
+        upstreams={"api": {"servers": ["http://127.0.0.1:9000"]}},
+    )
+
+
+def test_a_server_name_inherits_replaces_or_lifts_the_listeners_client_auth(
+    tmp_path: Path,
+) -> None:
+    inherited = parse_config(_with_site(SITE, client_auth=LISTENER_AUTH), tmp_path, "t")
+    assert inherited.tls.sni[0].client_auth == inherited.tls.client_auth is not None
+    own = {"ca": "api-ca.pem", "allow_cn": ["billing"], "mode": "optional"}
+    replaced = parse_config(
+        _with_site({**SITE, "client_auth": own}, client_auth=LISTENER_AUTH), tmp_path, "t"
+    )
+    policy = replaced.tls.sni[0].client_auth
+    assert policy is not None
+    assert policy.mode == "optional"
+    assert policy.ca.file == tmp_path / "api-ca.pem"
+    assert policy.allow_cn == frozenset({"billing"})
+    lifted = parse_config(
+        _with_site({**SITE, "client_auth": False}, client_auth=LISTENER_AUTH), tmp_path, "t"
+    )
+    assert lifted.tls.sni[0].client_auth is None
+    # Every CA bundle and staple is a watched secret.
+    staple = parse_config(
+        _with_site({**SITE, "ocsp_response": "api.der", "client_auth": own}), tmp_path, "t"
+    )
+    watched = {ref.file for ref in staple.secrets()}
+    assert {tmp_path / "api.der", tmp_path / "api-ca.pem"} <= watched
+
+
+@pytest.mark.parametrize(
+    ("site", "message"),
+    [
+        ({**SITE, "client_auth": True}, "tls.sni[1].client_auth: true is not a setting"),
+        (
+            {**SITE, "client_auth": {"ca": "ca.pem"}},
+            "tls.sni[1].client_auth: no client would be admitted",
+        ),
+        (
+            {**SITE, "client_auth": {"ca": "ca.pem", "allow_any": True, "mode": "maybe"}},
+            "tls.sni[1].client_auth.mode: 'maybe' is not one of require, optional",
+        ),
+        ({**SITE, "client_auth": {"allow_any": True}}, "tls.sni[1].client_auth: set ca"),
+        ({**SITE, "ocsp": "api.der"}, "tls.sni[1].ocsp: unknown key"),
+    ],
+)
+def test_per_name_settings_errors_name_the_entry(
+    tmp_path: Path, site: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_with_site(site), base=tmp_path, source="test")
+    assert message in str(caught.value)
