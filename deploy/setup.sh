@@ -9,9 +9,9 @@
 # install fail loudly instead of silently shadowing them with a wheel.
 #
 # Usage: deploy/setup.sh [--test] [--no-apt]
-#   --test    also install the test extras (pytest, trustme, httpx, hypothesis, grpcio, mypy,
-#             ruff) and test tools (redis-server and redis-cli from Debian; sslyze, in its own
-#             virtualenv .venv-sslyze)
+#   --test    also install the test extras (pytest, trustme, httpx[http2], hypothesis, grpcio,
+#             mypy, ruff) and test tools (redis-server, redis-cli, h2load from Debian; sslyze,
+#             in its own virtualenv .venv-sslyze)
 #   --no-apt  skip apt-get (for images that installed the Debian packages already)
 set -euo pipefail
 
@@ -44,6 +44,7 @@ if [ "$with_tests" = 1 ]; then
   packages+=(curl)
   packages+=(systemd)  # systemd-analyze verifies deploy/hsm-proxy.service
   packages+=(redis-server redis-tools)  # a real TCP upstream and client for TCP passthrough
+  packages+=(nghttp2-client)  # h2load: many concurrent HTTP/2 streams (tests and bench)
 fi
 
 missing=()

@@ -43,6 +43,10 @@ Example (the README documents every key)::
 
     [http]                                    # limits and timeouts; every key optional
     max_body_bytes = 0
+    alpn = ["h2", "http/1.1"]                 # ["http/1.1"] turns HTTP/2 off
+
+    [http2]                                   # HTTP/2 limits; every key optional
+    max_concurrent_streams = 128
 
     [upstreams.api]                           # more upstreams, round-robin over servers
     servers = ["http://10.0.0.11:9000", "http://10.0.0.12:9000"]
@@ -70,10 +74,12 @@ from proxy.config.forwarding import parse_address, parse_upstream
 from proxy.config.load import admin_config, load_config, parse_config
 from proxy.config.model import (
     DEFAULT_UPSTREAM,
+    HTTP_ALPN,
     PROXY_PROTOCOL_MODES,
     TLS_POLICIES,
     Address,
     AdminConfig,
+    HTTP2Config,
     HTTPConfig,
     ProxyConfig,
     ReloadConfig,
@@ -89,10 +95,12 @@ from proxy.config.model import (
 
 __all__ = [
     "DEFAULT_UPSTREAM",
+    "HTTP_ALPN",
     "PROXY_PROTOCOL_MODES",
     "TLS_POLICIES",
     "Address",
     "AdminConfig",
+    "HTTP2Config",
     "HTTPConfig",
     "ProxyConfig",
     "ReloadConfig",

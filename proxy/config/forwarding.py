@@ -15,8 +15,10 @@ from urllib.parse import urlsplit
 
 from proxy.config.model import (
     DEFAULT_UPSTREAM,
+    HTTP_ALPN,
     PROXY_PROTOCOL_MODES,
     Address,
+    HTTP2Config,
     HTTPConfig,
     Route,
     SiteConfig,
@@ -112,6 +114,7 @@ def parse_forwarding(
         raise ConfigError(f"http.shutdown_grace: must be 0 or more, got {grace}")
     values["shutdown_grace"] = float(grace)
     values["forwarded"] = table.take("forwarded", bool, defaults.forwarded)
+    values["alpn"] = _http_alpn(table, defaults.alpn)
     table.finish()
     http = HTTPConfig(**values)
     tcp = _parse_tcp(root.optional_table("tcp"))
@@ -229,6 +232,46 @@ def _alpn_list(table: Table, key: str, default: tuple[str, ...]) -> tuple[str, .
     if len(set(names)) != len(names):
         raise ConfigError(f"{table.key_name(key)}: a protocol is listed twice in {names}")
     return tuple(names)
+
+
+def _http_alpn(table: Table, default: tuple[str, ...]) -> tuple[str, ...]:
+    """``[http] alpn``: what ALPN offers HTTP clients, in order of preference; "h2" and
+    "http/1.1" only (the protocols the proxy serves HTTP in), at least one."""
+    alpn = _alpn_list(table, "alpn", default)
+    unknown = [name for name in alpn if name not in HTTP_ALPN]
+    if unknown or not alpn:
+        raise ConfigError(
+            f'{table.key_name("alpn")}: lists the HTTP protocols to offer, from "h2" and '
+            f'"http/1.1" (for example ["http/1.1"] turns HTTP/2 off), got {list(alpn)}'
+        )
+    return alpn
+
+
+_HTTP2_COUNTS = {
+    "max_concurrent_streams": (1, 1 << 16),
+    "initial_window_size": (1024, (1 << 31) - 1),
+    "connection_window_size": (65535, (1 << 31) - 1),
+    "max_resets": (1, 1 << 20),
+    "max_control_frames": (1, 1 << 20),
+}
+
+
+def parse_http2(table: Table) -> HTTP2Config:
+    """``[http2]``: per-connection stream limits, flow-control windows and flood caps."""
+    defaults = HTTP2Config()
+    values: dict[str, Any] = {}
+    for key, (low, high) in _HTTP2_COUNTS.items():
+        value = table.take(key, int, getattr(defaults, key))
+        if not low <= value <= high:
+            raise ConfigError(f"http2.{key}: must be from {low} to {high}, got {value}")
+        values[key] = value
+    values["flood_window"] = float(
+        positive(
+            table.take("flood_window", (int, float), defaults.flood_window), "http2.flood_window"
+        )
+    )
+    table.finish()
+    return HTTP2Config(**values)
 
 
 def _proxy_protocol(table: Table, default: str) -> str:

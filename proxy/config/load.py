@@ -16,7 +16,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from proxy.config.forwarding import parse_address, parse_forwarding, parse_upstream
+from proxy.config.forwarding import parse_address, parse_forwarding, parse_http2, parse_upstream
 from proxy.config.model import (
     DEFAULT_UPSTREAM,
     TLS_POLICIES,
@@ -315,6 +315,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
         aws_table.finish()
     http, tcp, upstreams, routes = parse_forwarding(root, upstream, sni)
     check_client_auth_boundaries(client_auth, sni, bool(routes))
+    http2 = parse_http2(root.optional_table("http2"))
     admin = None
     if "admin" in data:
         admin_table = root.table("admin")
@@ -357,6 +358,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
         routes=routes,
         security=security,
         tcp=tcp,
+        http2=http2,
     )
 
 

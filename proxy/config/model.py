@@ -131,6 +131,7 @@ class ProxyConfig:
     routes: tuple[Route, ...] = ()
     security: SecurityConfig = field(default_factory=SecurityConfig)
     tcp: TCPConfig = field(default_factory=lambda: TCPConfig())
+    http2: HTTP2Config = field(default_factory=lambda: HTTP2Config())
 
     def secrets(self) -> list[SecretRef]:
         """Every secret this configuration refers to (what the reloader watches)."""
@@ -164,11 +165,12 @@ class ProxyConfig:
     def alpn_offer(self, site: SiteConfig | None = None) -> tuple[tuple[bytes, ...], bool]:
         """The ALPN protocols the SSL context of ``site`` (None: the default certificate's)
         offers, and whether a client offering ALPN but none of them is refused: HTTP
-        upstreams are served as http/1.1 and never refuse; a TCP upstream offers the
-        protocols it speaks (``alpn``) and requires one of them when it names any."""
+        upstreams are served as ``http.alpn`` says (h2 then http/1.1 by default) and never
+        refuse; a TCP upstream offers the protocols it speaks (``alpn``) and requires one
+        of them when it names any."""
         group = self.site_upstream(site)
         if not group.tcp:
-            return (b"http/1.1",), False
+            return tuple(name.encode("ascii") for name in self.http.alpn), False
         return tuple(name.encode("ascii") for name in group.alpn), bool(group.alpn)
 
 
@@ -191,6 +193,26 @@ class HTTPConfig:
     pool_size: int = 32  # idle keep-alive connections kept per upstream
     pool_idle_timeout: float = 30.0  # seconds an idle upstream connection is kept
     down_time: float = 10.0  # seconds an upstream address is skipped after it failed
+    # What ALPN offers HTTP clients, in order of preference; without "h2", no HTTP/2.
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
+
+
+HTTP_ALPN = ("h2", "http/1.1")
+
+
+@dataclass(frozen=True)
+class HTTP2Config:
+    """HTTP/2 to clients (README, "HTTP/2"): per-connection limits and flood caps. The
+    limits of ``[http]`` (header sizes, body size, timeouts) apply to every stream."""
+
+    max_concurrent_streams: int = 128  # streams open at once per connection (SETTINGS)
+    initial_window_size: int = 65535  # bytes a stream's request body may have in flight
+    connection_window_size: int = 1 << 20  # bytes of request bodies in flight per connection
+    # Per connection and flood_window seconds: more resets received (CVE-2023-44487, rapid
+    # reset) or more PING and SETTINGS frames end the connection with ENHANCE_YOUR_CALM.
+    max_resets: int = 100
+    max_control_frames: int = 200
+    flood_window: float = 10.0
 
 
 PROXY_PROTOCOL_MODES = ("off", "v2")

@@ -43,6 +43,7 @@ from proxy.ops.logs import connection_context, log
 from proxy.tls.stream import CloseMode, TLSInfo, TLSStream
 
 HTTP1 = "http/1.1"
+HTTP2 = "h2"
 TCP = "tcp"
 
 
@@ -100,8 +101,10 @@ class Handler(Protocol):
 
 def protocol_for(generation: Generation, info: TLSInfo) -> str:
     """Which handler serves a connection: TCP passthrough for a tcp:// upstream group,
-    else HTTP/1.1."""
-    return TCP if generation.upstream_serving(info.context).tcp else HTTP1
+    else HTTP/2 when ALPN settled on h2, else HTTP/1.1."""
+    if generation.upstream_serving(info.context).tcp:
+        return TCP
+    return HTTP2 if info.alpn == HTTP2 else HTTP1
 
 
 class Handlers:

@@ -30,8 +30,9 @@ from proxy.errors import TLSError
 from proxy.generation.holder import GenerationHolder
 from proxy.http.admin import handle_admin
 from proxy.http.exchange import HTTP1Handler
+from proxy.http2.handler import HTTP2Handler
 from proxy.net.limits import HandshakeLimiter
-from proxy.net.pipeline import HTTP1, TCP, Handlers, ServerState, handle_connection
+from proxy.net.pipeline import HTTP1, HTTP2, TCP, Handlers, ServerState, handle_connection
 from proxy.net.readiness import probe_readiness
 from proxy.net.workers import report_ready, worker_addresses
 from proxy.ops.admin import Operations, token_state
@@ -128,10 +129,11 @@ async def serve(
     admin listener and its readiness probes too."""
     operations = operations or Operations()
     security = holder.current.config.security
+    http1 = HTTP1Handler()  # owns the upstream pools; HTTP/2 streams use the same ones
     state = ServerState(
         holder,
         trio.CapacityLimiter(holder.current.token.pool_size),
-        handlers=Handlers({HTTP1: HTTP1Handler(), TCP: TCPHandler()}),
+        handlers=Handlers({HTTP1: http1, HTTP2: HTTP2Handler(http1.pools), TCP: TCPHandler()}),
         handshakes=HandshakeLimiter(security.max_handshakes, security.max_handshakes_per_client),
         metrics=operations.metrics,
     )

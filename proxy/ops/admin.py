@@ -171,6 +171,32 @@ class Metrics:
             ["status_class"],
             registry=r,
         )
+        self.protocol_requests = Counter(
+            "hsm_proxy_protocol_requests",
+            "HTTP requests answered, by the protocol the client spoke (http/1.1, h2)",
+            ["protocol"],
+            registry=r,
+        )
+        self.http2_streams_active = Gauge(
+            "hsm_proxy_http2_streams_active",
+            "HTTP/2 streams being served now (a request forwarded or being answered)",
+            registry=r,
+        )
+        self.http2_resets = Counter(
+            "hsm_proxy_http2_resets",
+            "HTTP/2 RST_STREAM frames, by direction (sent by the proxy, received from clients)",
+            ["direction"],
+            registry=r,
+        )
+        self.http2_protocol_errors = Counter(
+            "hsm_proxy_http2_protocol_errors",
+            "HTTP/2 connections and streams ended for what the client sent, by kind "
+            "(uppercase_header, connection_header, pseudo_header, content_length, "
+            "authority_host, header_list_size, rapid_reset, continuation_flood, "
+            "control_flood, zero_window, stream_id, flow_control, protocol ...)",
+            ["kind"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "hsm_proxy_upstream_errors",
             "Upstream failures by kind (connect, connect_timeout, read_timeout, reset, protocol)",
@@ -234,6 +260,11 @@ class Metrics:
             self.reloads.labels(result)
         for kind in ("full", "resumed"):
             self.sessions.labels(kind)
+        for direction in ("sent", "received"):
+            self.http2_resets.labels(direction)
+        self._protocol_counters = {
+            protocol: self.protocol_requests.labels(protocol) for protocol in ("http/1.1", "h2")
+        }
         # labels() costs more than the increment: the per-request children are kept.
         self._request_counters: dict[int, Counter] = {}
         self._handshake_counters: dict[tuple[str | None, str], Counter] = {}
@@ -259,11 +290,18 @@ class Metrics:
             self.handshake_seconds.observe(seconds)
             self.sessions.labels("resumed" if resumed else "full").inc()
 
-    def request_answered(self, status: int) -> None:
+    def request_answered(self, status: int, protocol: str = "http/1.1") -> None:
         counter = self._request_counters.get(status)
         if counter is None:
             counter = self._request_counters[status] = self.requests.labels(status_class(status))
         counter.inc()
+        self._protocol_counters[protocol].inc()
+
+    def http2_reset(self, sent: bool) -> None:
+        self.http2_resets.labels("sent" if sent else "received").inc()
+
+    def http2_protocol_error(self, kind: str) -> None:
+        self.http2_protocol_errors.labels(kind).inc()
 
     def upstream_failed(self, kind: str) -> None:
         self.upstream_errors.labels(kind or "other").inc()

@@ -1,8 +1,8 @@
 """The import rules of the layout (docs/ARCHITECTURE.md, "Layers and import rules"), read
 from the source: only proxy/pkcs11/ imports python-pkcs11, only proxy/tls/ touches OpenSSL
-(pyOpenSSL or our own cffi binding of libssl), only proxy/net/ touches sockets, and only
-proxy/http/ speaks HTTP/1.1 with h11. Imports under ``if TYPE_CHECKING:`` are types, not
-uses, and are allowed anywhere."""
+(pyOpenSSL or our own cffi binding of libssl), only proxy/net/ touches sockets, only
+proxy/http/ speaks HTTP/1.1 with h11, and only proxy/http2/ speaks HTTP/2 with h2. Imports
+under ``if TYPE_CHECKING:`` are types, not uses, and are allowed anywhere."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ OWNERS = {
     "select": "net",
     "trio.socket": "net",
     "h11": "http",
+    "h2": "http2",
+    "hpack": "http2",
+    "hyperframe": "http2",
 }
 # trio calls that are socket operations, allowed only in proxy/net/
 SOCKET_CALLS = {

@@ -83,15 +83,15 @@ proxy_protocol = "off"
     assert str(grpc.servers[1]) == "tcp://[2001:db8::5]:50051"
     assert (grpc.alpn, grpc.proxy_protocol) == ((), "off")
     assert loaded.alpn_offer() == ((b"h2",), True)
-    assert loaded.alpn_offer(loaded.tls.sni[0]) == ((b"http/1.1",), False)  # the api site
+    assert loaded.alpn_offer(loaded.tls.sni[0]) == ((b"h2", b"http/1.1"), False)  # the api site
     assert loaded.site_upstream(loaded.tls.sni[0]) is api
     assert config("").tcp == TCPConfig()
     assert config("").alpn_offer() == ((), False)  # nothing offered, nothing required
 
 
-def test_http_upstreams_keep_http11_alpn_and_port_80() -> None:
+def test_http_upstreams_offer_h2_then_http11_and_keep_port_80() -> None:
     loaded = config("", base=BASE.replace("tcp://127.0.0.1:6379", "http://backend"))
-    assert loaded.alpn_offer() == ((b"http/1.1",), False)
+    assert loaded.alpn_offer() == ((b"h2", b"http/1.1"), False)
     assert str(loaded.upstream) == "http://backend"
 
 
