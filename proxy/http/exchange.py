@@ -44,6 +44,7 @@ import trio
 from proxy.config import DEFAULT_UPSTREAM, HTTPConfig, ProxyConfig
 from proxy.http.rules import (
     IDEMPOTENT_METHODS,
+    ChunkSizes,
     ClientInfo,
     ReceivedHead,
     check_request,
@@ -132,6 +133,8 @@ class _Exchange:
         self.upstream_name = "-"
         # Where requests no route matches go: the group of the server name's site.
         self.default_upstream = DEFAULT_UPSTREAM
+        # The chunk sizes of the request body being read, when it is chunked (rules.py).
+        self.chunks: ChunkSizes | None = None
 
     async def _receive(self) -> bytes:
         try:
@@ -181,7 +184,12 @@ class _Exchange:
     async def receive_body_data(self) -> None:
         """More request body bytes into h11, within the body timeout (else 408)."""
         with trio.move_on_after(self.http.body_timeout):
-            self.h11.receive_data(await self._receive())
+            data = await self._receive()
+            if self.chunks is not None:
+                status = self.chunks.feed(data)
+                if status is not None:
+                    raise _Reject(status)
+            self.h11.receive_data(data)
             return
         raise _Reject(408)
 
@@ -302,9 +310,17 @@ async def _forward(
     Raises :class:`_Reject` for a request refused before a response started, and
     ``h11.RemoteProtocolError`` when the request body breaks framing."""
     head = ReceivedHead(request.headers)
-    status = check_request(request, exchange.http, head)
+    http = exchange.http
+    status = check_request(request, http, head)
     if status is not None:
         raise _Reject(status)
+    exchange.chunks = None
+    if b"transfer-encoding" in head.names:  # chunked: check_request refused the rest
+        exchange.chunks = ChunkSizes(http.max_body_bytes)
+        # The body bytes that came with the head: refused here, nothing reaches an upstream.
+        status = exchange.chunks.feed(exchange.h11.trailing_data[0])
+        if status is not None:
+            raise _Reject(status)
     server_name = exchange.client.server_name
     chosen = choose_upstream(routing.routes, request, server_name, head, exchange.default_upstream)
     pool = routing.pools[chosen]

@@ -16,11 +16,14 @@ socket, and is tested without a network.
 * ``Expect: 100-continue`` is answered by the proxy and not forwarded.
 * Error responses are short, plain text, closing, and never reveal internal details.
 * Requests are checked before anything is forwarded (:func:`check_request_head` on the raw
-  head bytes, :func:`check_request` on the parsed request): over-long request line (414),
-  head too large or too many headers (431), a body larger than allowed (413), and every
-  form of ambiguous framing h11 would otherwise tolerate (obs-fold line folding, both
-  Content-Length and Transfer-Encoding) is a 400; h11 itself rejects differing repeated
-  Content-Length, invalid chunk sizes and transfer codings other than chunked (501).
+  head bytes, :func:`check_request` on the parsed request, :class:`ChunkSizes` on the raw
+  bytes of a chunked body): over-long request line (414), head too large or too many
+  headers (431), a body larger than allowed (413), and every form of ambiguous framing h11
+  would otherwise tolerate or wait on (an HTTP/0.9 request line, obs-fold line folding,
+  both Content-Length and Transfer-Encoding, Transfer-Encoding in HTTP/1.0, a chunk size
+  beyond 64 bits) is a 400; h11 itself rejects differing repeated Content-Length, other
+  invalid chunk sizes and transfer codings other than chunked (501). README, "Hostile
+  input", lists every rule with its RFC section.
 * ``Upgrade`` requests (WebSocket) keep their Upgrade and ``Connection: upgrade`` headers;
   after the upstream's 101 the server turns the connection into a byte tunnel.
 * Routing (:func:`choose_upstream`) picks an upstream group by Host (SNI when there is no
@@ -86,6 +89,10 @@ class ClientInfo:
 
 # A header as h11 parsed it: (name as sent, lowercase name, value), all bytes.
 _Field = tuple[bytes, bytes, bytes]
+# RFC 9112, 3: method SP request-target SP HTTP-version, looser than h11's own check (which
+# still runs on the whole head): a line without a version is an HTTP/0.9 request, which
+# would otherwise sit waiting for a head's end that never comes.
+_REQUEST_LINE = re.compile(rb"[^\s]+ [^\s]+ HTTP/[0-9]\.[0-9]\r?")
 # RFC 9110, 5.5: what the proxy adds must be a valid field value (it skips h11's checks).
 _FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?")
 
@@ -266,6 +273,8 @@ def check_request_head(buffer: bytes, limits: HTTPConfig) -> int | None:
         return 414 if len(buffer) - start > limits.max_request_line else None
     if line_end - start > limits.max_request_line:
         return 414
+    if _REQUEST_LINE.fullmatch(buffer, start, line_end) is None:
+        return 400  # an HTTP/0.9 line (no version) or no request line at all: answer now
     end = buffer.find(b"\n\r\n", line_end)
     end_lf = buffer.find(b"\n\n", line_end)
     ends = [found for found in (end, end_lf) if found >= 0]
@@ -302,12 +311,81 @@ def check_request(
     if request.method == b"CONNECT":
         return 501  # a reverse proxy does not open tunnels to arbitrary hosts
     head = head or ReceivedHead(request.headers)
-    if b"content-length" in head.names and b"transfer-encoding" in head.names:
-        return 400  # CL.TE / TE.CL smuggling: RFC 9112, 6.3 allows rejecting, and we do
+    if b"transfer-encoding" in head.names:
+        if b"content-length" in head.names:
+            return 400  # CL.TE / TE.CL smuggling: RFC 9112, 6.3 allows rejecting, and we do
+        if request.http_version < b"1.1":
+            return 400  # RFC 9112, 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing
     length = head.content_length
     if limits.max_body_bytes and length is not None and length > limits.max_body_bytes:
         return 413
     return None
+
+
+# RFC 9112, 7.1: a chunk size beyond 64 bits cannot be right (and overflows elsewhere).
+MAX_CHUNK_SIZE_DIGITS = 16
+# A chunk-size line (size and extensions) longer than this is not a request, it is a probe.
+MAX_CHUNK_LINE = 4096
+
+
+class ChunkSizes:
+    """Watches the raw bytes of a chunked request body beside h11, for chunk sizes that
+    cannot be right: more than 16 hex digits, a declared total beyond the body limit
+    (``max_body`` bytes; 0: none), a chunk line without its CR, or one too long. h11 frames
+    the body and checks the rest of its grammar; without this, it would wait for the
+    data of a chunk of 2**64 bytes until a timeout, with the request head already upstream.
+
+    :meth:`feed` takes the bytes that follow the request head, in order, and returns the
+    status to refuse the request with, or None. It stops looking at the last chunk, so the
+    bytes of a pipelined request after the body do not matter to it."""
+
+    __slots__ = ("_crlf_left", "_declared", "_done", "_line", "_max_body", "_remaining")
+
+    def __init__(self, max_body: int = 0) -> None:
+        self._max_body = max_body
+        self._line = bytearray()
+        self._remaining = 0  # data bytes left in the current chunk
+        self._crlf_left = 0  # bytes of the CRLF after a chunk's data
+        self._declared = 0
+        self._done = False
+
+    def feed(self, data: bytes | bytearray) -> int | None:
+        index, end = 0, len(data)
+        while index < end and not self._done:
+            if self._remaining:
+                taken = min(self._remaining, end - index)
+                self._remaining -= taken
+                index += taken
+                if not self._remaining:
+                    self._crlf_left = 2
+                continue
+            if self._crlf_left:
+                taken = min(self._crlf_left, end - index)
+                self._crlf_left -= taken
+                index += taken
+                continue
+            line_end = data.find(b"\n", index)
+            self._line += data[index : end if line_end < 0 else line_end]
+            if len(self._line) > MAX_CHUNK_LINE:
+                return 400
+            digits = len(self._line) - len(self._line.lstrip(b"0123456789abcdefABCDEF"))
+            if digits > MAX_CHUNK_SIZE_DIGITS:
+                return 400
+            if line_end < 0:
+                return None
+            index = line_end + 1
+            if not digits or not self._line.endswith(b"\r"):
+                return 400  # no size, or a bare LF: h11 would wait for a CRLF forever
+            size = int(self._line[:digits], 16)
+            self._line.clear()
+            self._declared += size
+            if self._max_body and self._declared > self._max_body:
+                return 413
+            if size:
+                self._remaining = size
+            else:
+                self._done = True  # the last chunk: trailers are h11's
+        return None
 
 
 def _host_name(host: bytes) -> str:

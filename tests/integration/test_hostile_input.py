@@ -1,0 +1,125 @@
+"""The HTTP edge held to the RFCs: raw bytes over TLS to the proxy (a subprocess on the test
+token), a strict upstream behind it that parses exactly what arrives and flags anything
+beyond whole requests (tests/support/strict.py). README, "Hostile input", lists the rules.
+
+Timeouts in the proxy's config are set far beyond the clients' socket timeouts, so a
+request the proxy does not answer at once fails the test instead of ending in a 408."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import trustme
+
+from tests.support import StartProxy
+from tests.support.http import exchange_raw, read_all, status_of, tls_connect
+from tests.support.strict import StrictUpstream
+
+PATIENT = "header_timeout = 300\nbody_timeout = 300\nidle_timeout = 300"
+
+
+@pytest.fixture
+def strict() -> Iterator[Callable[..., StrictUpstream]]:
+    servers: list[StrictUpstream] = []
+
+    def make(*args: object) -> StrictUpstream:
+        server = StrictUpstream(*args)  # type: ignore[arg-type]
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def refused(port: int, ca: trustme.CA, payload: bytes) -> int:
+    """The status of the one answer to ``payload``, after which the proxy closed."""
+    data = exchange_raw(port, ca, payload)
+    assert data.count(b"HTTP/1.1 ") == 1, data[:200]
+    assert b"connection: close" in data.lower()
+    return status_of(data)
+
+
+# --- request line and framing ---------------------------------------------------------------
+
+
+def test_an_http09_request_line_gets_400_at_once(
+    start_proxy: StartProxy, strict: Callable[..., StrictUpstream], ca: trustme.CA
+) -> None:
+    backend = strict()
+    proxy = start_proxy(backend.url, http=PATIENT)
+    assert refused(proxy.port, ca, b"GET /x\r\n") == 400
+    assert refused(proxy.port, ca, b"GET\r\n") == 400
+    assert backend.connections == 0
+
+
+def test_transfer_encoding_in_http10_gets_400_and_nothing_is_forwarded(
+    start_proxy: StartProxy, strict: Callable[..., StrictUpstream], ca: trustme.CA
+) -> None:
+    backend = strict()
+    proxy = start_proxy(backend.url, http=PATIENT)
+    payload = (
+        b"POST /x HTTP/1.0\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    assert refused(proxy.port, ca, payload) == 400
+    assert backend.connections == 0
+
+
+@pytest.mark.parametrize(
+    ("size_line", "status"),
+    [
+        (b"10000000000000005", 400),  # 17 hex digits: beyond 64 bits
+        (b"00000000000000001", 400),  # 17 digits all the same
+        (b"401", 413),  # more than max_body_bytes
+        (b"5\n", 400),  # a bare LF: h11 would wait for a CRLF
+    ],
+)
+def test_an_absurd_chunk_size_is_refused_at_once_and_nothing_is_forwarded(
+    start_proxy: StartProxy,
+    strict: Callable[..., StrictUpstream],
+    ca: trustme.CA,
+    size_line: bytes,
+    status: int,
+) -> None:
+    backend = strict()
+    proxy = start_proxy(backend.url, http=PATIENT + "\nmax_body_bytes = 1024")
+    head = b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ending = b"" if size_line.endswith(b"\n") else b"\r\n"
+    assert refused(proxy.port, ca, head + size_line + ending + b"abc") == status
+    assert backend.connections == 0
+
+
+def test_an_absurd_chunk_after_good_ones_closes_the_upstream_connection_unreused(
+    start_proxy: StartProxy, strict: Callable[..., StrictUpstream], ca: trustme.CA
+) -> None:
+    """The head and a first chunk went upstream before the absurd size arrived: that
+    upstream connection carries part of an aborted request, so it is closed, never pooled."""
+    backend = strict()
+    proxy = start_proxy(backend.url, http=PATIENT)
+    with tls_connect(proxy.port, ca) as tls:
+        tls.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n"
+        )
+        wait_for(lambda: backend.connections == 1)
+        tls.sendall(b"10000000000000005\r\nxyz")
+        data = read_all(tls)
+    assert status_of(data) == 400
+    backend.wait_ended(1)
+    assert backend.arrived == []
+    assert backend.leftovers
+    assert backend.leftovers[0][1].startswith(b"POST /upload HTTP/1.1")
+    after = exchange_raw(
+        proxy.port, ca, b"GET /next HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(after) == 200
+    assert backend.connections == 2
+    assert [request.target for request in backend.arrived] == [b"/next"]
+
+
+def wait_for(predicate: Callable[[], bool]) -> None:
+    from tests.support.http import wait_until
+
+    wait_until(predicate)
