@@ -115,6 +115,9 @@ def parse_forwarding(
     values["shutdown_grace"] = float(grace)
     values["forwarded"] = table.take("forwarded", bool, defaults.forwarded)
     values["alpn"] = _http_alpn(table, defaults.alpn)
+    values["allow_ambiguous_paths"] = table.take(
+        "allow_ambiguous_paths", bool, defaults.allow_ambiguous_paths
+    )
     table.finish()
     http = HTTPConfig(**values)
     tcp = _parse_tcp(root.optional_table("tcp"))

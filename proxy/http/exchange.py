@@ -56,6 +56,7 @@ from proxy.http.rules import (
     switching_response,
     upstream_request,
 )
+from proxy.http.target import TargetError, parse_target
 from proxy.http.upstream import (
     Routing,
     UpstreamConnection,
@@ -314,6 +315,10 @@ async def _forward(
     status = check_request(request, http, head)
     if status is not None:
         raise _Reject(status)
+    try:
+        target = parse_target(request.target, request.method, http.allow_ambiguous_paths)
+    except TargetError as refused:
+        raise _Reject(refused.status) from None
     exchange.chunks = None
     if b"transfer-encoding" in head.names:  # chunked: check_request refused the rest
         exchange.chunks = ChunkSizes(http.max_body_bytes)
@@ -322,9 +327,13 @@ async def _forward(
         if status is not None:
             raise _Reject(status)
     server_name = exchange.client.server_name
-    chosen = choose_upstream(routing.routes, request, server_name, head, exchange.default_upstream)
+    chosen = choose_upstream(
+        routing.routes, request, server_name, head, exchange.default_upstream, target
+    )
     pool = routing.pools[chosen]
-    outgoing = upstream_request(request, exchange.client, pool.group.servers[0].authority, head)
+    outgoing = upstream_request(
+        request, exchange.client, pool.group.servers[0].authority, head, target
+    )
     upgrade = head.upgrade
     has_body = head.has_body
     # Resending is safe when nothing reached the upstream, or when a bodiless idempotent

@@ -26,8 +26,10 @@ socket, and is tested without a network.
   input", lists every rule with its RFC section.
 * ``Upgrade`` requests (WebSocket) keep their Upgrade and ``Connection: upgrade`` headers;
   after the upstream's 101 the server turns the connection into a byte tunnel.
-* Routing (:func:`choose_upstream`) picks an upstream group by Host (SNI when there is no
-  Host) and path prefix; the first matching route wins, the top-level upstream is the rest.
+* Routing (:func:`route`) picks an upstream group by Host (SNI when there is no Host; the
+  authority of an absolute-form target replaces Host) and the prefix of the normalised
+  path (target.py), which is also the path forwarded; the first matching route wins, the
+  top-level upstream is the rest.
 * The client's verified TLS identity (mutual TLS) reaches the upstream through
   clientauth.identity_headers (``X-Client-Cert-*``); whatever the client sent under those
   names, or as ``X-Forwarded-Client-Cert``, is always dropped first.
@@ -42,6 +44,7 @@ from typing import Any
 import h11
 
 from proxy.config import DEFAULT_UPSTREAM, HTTPConfig, Route
+from proxy.http.target import Target
 from proxy.tls.clientauth import ClientIdentity, identity_headers, is_identity_header
 
 HOP_BY_HOP = frozenset(
@@ -180,23 +183,30 @@ def upstream_request(
     client: ClientInfo,
     upstream_host: str = "localhost",
     head: ReceivedHead | None = None,
+    target: Target | None = None,
 ) -> h11.Request:
     """The request to send upstream for ``request`` received from ``client``. An HTTP/1.0
     request without Host gets the SNI name, else ``upstream_host`` (HTTP/1.1 needs one).
+    With ``target`` (target.py), the request goes out in origin-form with the normalised
+    path, and the authority of an absolute-form target replaces Host (RFC 9112, 3.2.2).
 
     The client's own headers were validated by h11 as they were parsed, so the event is
     built without validating them again; what the proxy adds is checked here."""
     head = head or ReceivedHead(request.headers)
+    authority = target.authority if target is not None else None
     headers = [
         (name, value)
         for name, lower, value in head.end_to_end()
         if lower not in _REPLACED_BY_PROXY
         and lower != b"x-forwarded-for"
         and not is_identity_header(name)  # X-Client-Cert-*: only the proxy's own
+        and (authority is None or lower != b"host")
     ]
-    host = head.host
+    host = head.host if authority is None else authority
     if host is None:
         headers[:0] = _checked([(b"Host", (client.server_name or upstream_host).encode("idna"))])
+    elif authority is not None:
+        headers[:0] = _checked([(b"Host", authority)])
     forwarded_for = client.address.encode("ascii")
     if b"x-forwarded-for" in head.names:
         forwarded_for = b", ".join([*head.values(b"x-forwarded-for"), forwarded_for])
@@ -218,7 +228,7 @@ def upstream_request(
         headers.append((b"Transfer-Encoding", b"chunked"))
     return h11.Request(
         method=request.method,
-        target=request.target,
+        target=request.target if target is None else target.origin_form(),
         headers=headers,
         http_version=b"1.1",
         _parsed=True,
@@ -413,21 +423,40 @@ def choose_upstream(
     server_name: str | None,
     head: ReceivedHead | None = None,
     default: str = DEFAULT_UPSTREAM,
+    target: Target | None = None,
 ) -> str:
-    """The name of the upstream group for ``request``: the first route whose hosts match
-    the Host header (or the SNI name when there is none) and whose path prefix matches
-    the target; ``default`` (the top-level upstream, or the one the connection's server
-    name is configured with) when no route does."""
+    """The name of the upstream group for ``request``: see :func:`route`. The host is the
+    authority of an absolute-form target, else the Host header; the path is ``target``'s
+    normalised one (target.py), else the raw target."""
     if not routes:
         return default
-    host_header = (head or ReceivedHead(request.headers)).host
-    host = _host_name(host_header) if host_header is not None else (server_name or "").lower()
-    path = request.target.decode("ascii", "replace")
-    for route in routes:
-        if route.hosts and not any(_host_matches(pattern, host) for pattern in route.hosts):
+    host = target.authority if target is not None else None
+    if host is None:
+        host = (head or ReceivedHead(request.headers)).host
+    path = target.path if target is not None else request.target.decode("ascii", "replace")
+    return route(routes, host, server_name, path, default)
+
+
+def route(
+    routes: tuple[Route, ...],
+    host: bytes | None,
+    server_name: str | None,
+    path: str,
+    default: str = DEFAULT_UPSTREAM,
+) -> str:
+    """The name of the upstream group for a request to ``host`` (the Host header or
+    authority; the SNI name when there is none) and ``path`` (normalised, target.py): the
+    first route whose hosts and path prefix match, else ``default`` (the top-level upstream,
+    or the one the connection's server name is configured with). HTTP/2 routes by the same
+    function, with ``:authority`` and ``:path``."""
+    if not routes:
+        return default
+    name = _host_name(host) if host is not None else (server_name or "").lower()
+    for candidate in routes:
+        if candidate.hosts and not any(_host_matches(pattern, name) for pattern in candidate.hosts):
             continue
-        if _prefix_matches(route.path_prefix, path):
-            return route.upstream
+        if _prefix_matches(candidate.path_prefix, path):
+            return candidate.upstream
     return default
 
 

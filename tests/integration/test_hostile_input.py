@@ -119,6 +119,72 @@ def test_an_absurd_chunk_after_good_ones_closes_the_upstream_connection_unreused
     assert [request.target for request in backend.arrived] == [b"/next"]
 
 
+# --- request targets ------------------------------------------------------------------------
+
+
+def test_an_absolute_form_target_replaces_host_routes_by_it_and_goes_out_in_origin_form(
+    start_proxy: StartProxy, strict: Callable[..., StrictUpstream], ca: trustme.CA
+) -> None:
+    default, other = strict(), strict()
+    proxy = start_proxy(
+        default.url,
+        http=PATIENT,
+        extra=(
+            f'\n[upstreams.other]\nservers = ["{other.url}"]\n'
+            '\n[[routes]]\nhosts = ["other.example"]\nupstream = "other"\n'
+        ),
+    )
+    data = exchange_raw(
+        proxy.port,
+        ca,
+        b"GET http://other.example/x?q=1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    assert status_of(data) == 200
+    assert default.arrived == []
+    (seen,) = other.arrived
+    assert seen.target == b"/x?q=1"
+    assert seen.header(b"host") == b"other.example"
+    assert seen.header(b"x-forwarded-host") == b"other.example"
+    assert refused(proxy.port, ca, b"GET ftp://other.example/x HTTP/1.1\r\nHost: a\r\n\r\n") == 400
+    assert refused(proxy.port, ca, b"GET http://u:p@a/x HTTP/1.1\r\nHost: a\r\n\r\n") == 400
+
+
+def test_routes_match_the_normalised_path_which_is_what_the_upstream_receives(
+    start_proxy: StartProxy, strict: Callable[..., StrictUpstream], ca: trustme.CA
+) -> None:
+    default, public = strict(), strict()
+    proxy = start_proxy(
+        default.url,
+        http=PATIENT,
+        extra=(
+            f'\n[upstreams.public]\nservers = ["{public.url}"]\n'
+            '\n[[routes]]\npath_prefix = "/public"\nupstream = "public"\n'
+        ),
+    )
+
+    def get(target: bytes) -> bytes:
+        return b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+    assert status_of(exchange_raw(proxy.port, ca, get(b"/public/../admin"))) == 200
+    assert status_of(exchange_raw(proxy.port, ca, get(b"//public//%7Euser/./a?x=/../y"))) == 200
+    assert [request.target for request in default.arrived] == [b"/admin"]
+    assert [request.target for request in public.arrived] == [b"/public/~user/a?x=/../y"]
+    for ambiguous in (b"/public%2F..%2Fadmin", b"/public/%2E%2E/admin", b"/a%zz"):
+        assert refused(proxy.port, ca, get(ambiguous)) == 400, ambiguous
+    assert len(default.arrived) + len(public.arrived) == 2
+
+
+def test_allow_ambiguous_paths_forwards_them_in_one_normalised_form(
+    start_proxy: StartProxy, strict: Callable[..., StrictUpstream], ca: trustme.CA
+) -> None:
+    backend = strict()
+    proxy = start_proxy(backend.url, http=PATIENT + "\nallow_ambiguous_paths = true")
+    for target in (b"/a%2f..%2fb", b"/public/%2E%2E/admin"):
+        payload = b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        assert status_of(exchange_raw(proxy.port, ca, payload)) == 200
+    assert [request.target for request in backend.arrived] == [b"/a%2F..%2Fb", b"/admin"]
+
+
 def wait_for(predicate: Callable[[], bool]) -> None:
     from tests.support.http import wait_until
 
