@@ -9,8 +9,9 @@ rules, routing, limits and pools as the HTTP/1.1 handler's are applied.
 the method, target and every field as it makes the event (a field that could not be
 written on an HTTP/1.1 wire is a 400, never a smuggled line), applies
 :func:`rules.check_request` (413, 501), the head limits (414, 431), picks the upstream
-group with :func:`rules.choose_upstream` and rewrites the head with
-:func:`rules.upstream_request` (hop-by-hop headers, X-Forwarded-*, identity headers). A
+group with :func:`rules.choose_upstream` by the normalised path (target.py, the path that
+is also forwarded) and rewrites the head with :func:`rules.upstream_request` (hop-by-hop
+headers, X-Forwarded-*, identity headers). A
 body without a Content-Length goes upstream chunked, so it can end with trailers.
 
 :class:`UpstreamCall` is one exchange on a connection lent by the group's
@@ -37,6 +38,7 @@ from proxy.http.rules import (
     choose_upstream,
     upstream_request,
 )
+from proxy.http.target import TargetError, parse_target
 from proxy.http.upstream import Routing, UpstreamConnection, UpstreamFailure, UpstreamPool
 
 Field = tuple[bytes, bytes]
@@ -100,10 +102,16 @@ def prepare(
     status = check_request(request, http, head)
     if status is not None:
         raise Refused(status, "request refused by the forwarding rules")
-    chosen = choose_upstream(routing.routes, request, client.server_name, head, default_upstream)
+    try:  # the same normalised path as HTTP/1.1: routed by it, forwarded as it (target.py)
+        parsed = parse_target(target, method, http.allow_ambiguous_paths)
+    except TargetError as refused:
+        raise Refused(refused.status, str(refused)) from None
+    chosen = choose_upstream(
+        routing.routes, request, client.server_name, head, default_upstream, parsed
+    )
     pool = routing.pools[chosen]
     try:
-        outgoing = upstream_request(request, client, pool.group.servers[0].authority, head)
+        outgoing = upstream_request(request, client, pool.group.servers[0].authority, head, parsed)
     except h11.LocalProtocolError as exc:
         raise Refused(400, str(exc)) from None
     return Prepared(outgoing, pool, has_body, chunked)

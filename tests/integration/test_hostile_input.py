@@ -7,13 +7,16 @@ request the proxy does not answer at once fails the test instead of ending in a 
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import trustme
 
 from tests.support import StartProxy
-from tests.support.http import exchange_raw, read_all, status_of, tls_connect
+from tests.support.http import exchange_raw, read_all, status_of, tls_connect, write_ca
 from tests.support.strict import StrictUpstream
 
 PATIENT = "header_timeout = 300\nbody_timeout = 300\nidle_timeout = 300"
@@ -183,6 +186,49 @@ def test_allow_ambiguous_paths_forwards_them_in_one_normalised_form(
         payload = b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         assert status_of(exchange_raw(proxy.port, ca, payload)) == 200
     assert [request.target for request in backend.arrived] == [b"/a%2F..%2Fb", b"/admin"]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="setup.sh --test installs curl")
+def test_http2_routes_and_forwards_the_same_normalised_path(
+    start_proxy: StartProxy, strict: Callable[..., StrictUpstream], ca: trustme.CA, tmp_path: Path
+) -> None:
+    default, public = strict(), strict()
+    proxy = start_proxy(
+        default.url,
+        http=PATIENT,
+        extra=(
+            f'\n[upstreams.public]\nservers = ["{public.url}"]\n'
+            '\n[[routes]]\npath_prefix = "/public"\nupstream = "public"\n'
+        ),
+    )
+
+    def curl(path: str) -> str:
+        result = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--http2",
+                "--path-as-is",
+                "--cacert",
+                str(write_ca(ca, tmp_path)),
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+                f"{proxy.url}{path}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert curl("/public/../admin") == "2 200"
+    assert curl("/public%2F..%2Fadmin") == "2 400"
+    assert [request.target for request in default.arrived] == [b"/admin"]
+    assert public.arrived == []
 
 
 def wait_for(predicate: Callable[[], bool]) -> None:
