@@ -32,6 +32,7 @@ from proxy.http.admin import handle_admin
 from proxy.http.exchange import HTTP1Handler
 from proxy.http2.handler import HTTP2Handler
 from proxy.net.limits import HandshakeLimiter
+from proxy.net.listen import open_listeners
 from proxy.net.pipeline import HTTP1, HTTP2, TCP, Handlers, ServerState, handle_connection
 from proxy.net.readiness import probe_readiness
 from proxy.net.workers import report_ready, worker_addresses
@@ -110,7 +111,7 @@ def _bound(listeners: list[trio.SocketListener]) -> list[str]:
 
 async def _listen(address: Address, what: str) -> tuple[list[trio.SocketListener], list[str]]:
     try:
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        listeners = await open_listeners(address.host, address.port, _LISTEN_BACKLOG)
     except OSError as exc:
         raise TLSError(f"cannot listen on {address} ({what}): {exc.strerror or exc}") from None
     return listeners, _bound(listeners)
@@ -144,7 +145,7 @@ async def serve(
     shared = worker_addresses()
     try:
         if shared is None:
-            listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+            listeners = await open_listeners(listen.host, listen.port, _LISTEN_BACKLOG)
         else:
             listeners = [await _reuse_port_listener(*address) for address in shared]
     except OSError as exc:

@@ -6,10 +6,11 @@ parent is unusable in a forked child. So the supervisor never loads a PKCS#11 mo
 initialises the module, logs in and builds its generation on its own, exactly as a single
 process does.
 
-Sharing the port: the supervisor resolves the listen address, binds one socket per address
-with ``SO_REUSEPORT`` and keeps it bound but never listening (so port 0 becomes one
-concrete port, and the port stays reserved while workers come and go). Each worker binds
-its own listening socket to that concrete address with ``SO_REUSEPORT``; the kernel spreads
+Sharing the port: the supervisor resolves the listen address (listen.py: localhost is both
+loopbacks), binds one socket per address with ``SO_REUSEPORT`` and keeps it bound but
+never listening (so port 0 becomes one concrete port, and the port stays reserved while
+workers come and go). Each worker binds its own listening socket to that concrete address
+with ``SO_REUSEPORT``; the kernel spreads
 new connections across the workers' sockets by a hash of the connection's addresses. The
 addresses reach workers in ``HSM_PROXY_WORKER_LISTEN`` (JSON); a worker reports that it
 serves by writing its pid to the pipe named by ``HSM_PROXY_READY_FD``.
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from proxy.config import Address
 from proxy.errors import ConfigError
+from proxy.net.listen import listen_addresses
 from proxy.ops.logs import log
 
 WORKER_LISTEN_ENV = "HSM_PROXY_WORKER_LISTEN"
@@ -93,21 +95,21 @@ def report_ready() -> None:
 def reserve(listen: Address) -> tuple[list[socket.socket], list[tuple[int, str, int]]]:
     """Bind (without listening) one SO_REUSEPORT socket per address ``listen`` names."""
     try:
-        infos = socket.getaddrinfo(
-            listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        candidates = listen_addresses(listen.host, listen.port)
     except socket.gaierror as exc:
         raise ConfigError(f"listen: cannot resolve {listen.host!r}: {exc.strerror}") from None
     sockets: list[socket.socket] = []
     addresses: list[tuple[int, str, int]] = []
     port = listen.port
-    seen = set()
-    for family, _type, _proto, _name, sockaddr in infos:
-        host = str(sockaddr[0])
-        if (family, host) in seen:
-            continue
-        seen.add((family, host))
-        reserved = socket.socket(family, socket.SOCK_STREAM)
+    for family, host, required in candidates:
+        try:
+            reserved = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            if not required:
+                continue  # IPv6 is off: no ::1 for localhost
+            for other in sockets:
+                other.close()
+            raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
         reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
@@ -116,6 +118,8 @@ def reserve(listen: Address) -> tuple[list[socket.socket], list[tuple[int, str, 
             reserved.bind((host, port))
         except OSError as exc:
             reserved.close()
+            if not required:
+                continue  # a loopback added for localhost that this host does not have
             for other in sockets:
                 other.close()
             raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None

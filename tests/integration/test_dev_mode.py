@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -16,11 +17,13 @@ import pytest
 from tests.support import REPO, https_request, proxy_command
 
 
-def _start_dev(state: Path, log: Path) -> tuple[subprocess.Popen[str], int]:
+def _start_dev(
+    state: Path, log: Path, listen: str = "127.0.0.1:0"
+) -> tuple[subprocess.Popen[str], int]:
     env = {key: value for key, value in os.environ.items() if key != "SOFTHSM2_CONF"}
     with log.open("w") as sink:
         process = subprocess.Popen(
-            proxy_command("dev", "--state-dir", str(state), "--listen", "127.0.0.1:0"),
+            proxy_command("dev", "--state-dir", str(state), "--listen", listen),
             stdout=sink,
             stderr=subprocess.STDOUT,
             text=True,
@@ -135,5 +138,31 @@ def test_a_reload_with_the_token_gone_keeps_the_proxy_up(tmp_path: Path) -> None
             https_request(port, ssl.create_default_context(cafile=str(state / "ca.pem"))).status
             == 200
         )
+    finally:
+        _stop(process)
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no ::1")
+def test_dev_on_localhost_listens_on_both_loopbacks_on_one_port(tmp_path: Path) -> None:
+    """The dev certificate names 127.0.0.1 and ::1, and clients that resolve localhost
+    themselves may try ::1 first, whatever /etc/hosts says."""
+    state = tmp_path / "state"
+    process, port = _start_dev(state, tmp_path / "dev.log", listen="localhost:0")
+    try:
+        context = ssl.create_default_context(cafile=str(state / "ca.pem"))
+        for address in ("127.0.0.1", "::1"):
+            with socket.create_connection((address, port), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    assert tls.recv(100).startswith(b"HTTP/1.1 200"), address
     finally:
         _stop(process)
