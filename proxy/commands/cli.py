@@ -299,15 +299,12 @@ def _run(args: argparse.Namespace) -> int:
             "--pid-file is for one process; with --workers, send SIGHUP to the supervisor "
             "(it passes it on to every worker) to reload"
         )
-    if config.admin is not None:
-        raise ConfigError(
-            f"{path}: [admin] serves one process's metrics and readiness; with --workers "
-            f"{args.workers} every worker would bind {config.admin.listen}. Run one process "
-            "per container (and scale containers), or remove [admin]"
-        )
     # The supervisor never loads the PKCS#11 module: each spawned worker does (workers.py).
     command = worker_command(path.resolve(), args.log_level, args.log_format)
-    return Supervisor(command, args.workers, config.listen, config.http.shutdown_grace).run()
+    supervisor = Supervisor(
+        command, args.workers, config.listen, config.http.shutdown_grace, admin=config.admin
+    )
+    return supervisor.run()
 
 
 def _reload(args: argparse.Namespace) -> int:

@@ -7,7 +7,10 @@ listen backlog; running out of file descriptors pauses accepting). Each connecti
 task that runs the pipeline (pipeline.py): admission, handshake, one protocol handler,
 the close. Beside the listeners run the handlers' once-a-second sweep, the caller's tasks
 (the reloader) and, when configured, the admin listener and its readiness probes
-(http/admin.py, readiness.py).
+(http/admin.py, readiness.py). A worker of a ``--workers`` supervisor serves its admin
+endpoint on the Unix socket the supervisor named, for the supervisor alone (net/fleet.py
+serves the one TCP admin address), and samples its on-demand gauges once a second for
+the shared metrics files (ops/admin.py).
 
 Shutdown: SIGTERM or SIGINT closes the listeners, cancels the waits of idle connections
 (``ServerState.drain``), lets in-flight work finish (HTTP answers with ``Connection:
@@ -18,9 +21,10 @@ what is left; a second signal stops at once.
 from __future__ import annotations
 
 import errno
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from functools import partial
 
 import trio
@@ -35,7 +39,7 @@ from proxy.net.limits import HandshakeLimiter
 from proxy.net.listen import open_listeners
 from proxy.net.pipeline import HTTP1, HTTP2, TCP, Handlers, ServerState, handle_connection
 from proxy.net.readiness import probe_readiness
-from proxy.net.workers import report_ready, worker_addresses
+from proxy.net.workers import report_ready, worker_addresses, worker_admin_socket
 from proxy.ops.admin import Operations, token_state
 from proxy.ops.logs import log
 from proxy.tcp.handler import TCPHandler
@@ -109,6 +113,30 @@ def _bound(listeners: list[trio.SocketListener]) -> list[str]:
     return bound
 
 
+async def _sample(operations: Operations) -> None:
+    """Multiprocess metrics: write the on-demand gauges once a second."""
+    while True:
+        operations.metrics.sample()
+        await trio.sleep(1.0)
+
+
+async def _unix_listener(path: str) -> trio.SocketListener:
+    """A worker's admin endpoint for its supervisor, in the supervisor's private directory
+    (which alone keeps others out; the socket itself is open to whoever gets there, so a
+    supervisor that dropped root still connects to a worker that bound it as root)."""
+    with suppress(FileNotFoundError):
+        os.unlink(path)  # left by the worker this one replaces
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        os.chmod(path, 0o666)  # noqa: S103 - the directory (0700) is the access control
+        sock.listen(_LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise TLSError(f"cannot listen on {path} (admin, for the supervisor): {exc}") from None
+    return trio.SocketListener(sock)
+
+
 async def _listen(address: Address, what: str) -> tuple[list[trio.SocketListener], list[str]]:
     try:
         listeners = await open_listeners(address.host, address.port, _LISTEN_BACKLOG)
@@ -153,7 +181,10 @@ async def serve(
     bound = _bound(listeners)
     admin_listeners: list[trio.SocketListener] = []
     admin_bound: list[str] = []
-    if operations.config is not None:
+    supervised_admin = worker_admin_socket()
+    if operations.config is not None and supervised_admin is not None:
+        admin_listeners = [await _unix_listener(supervised_admin)]
+    elif operations.config is not None:
         admin_listeners, admin_bound = await _listen(operations.config.listen, "admin")
     slots = trio.Semaphore(http.max_connections)
     signals = (
@@ -168,6 +199,8 @@ async def serve(
                     for listener in listeners:
                         accepting.start_soon(partial(_accept, listener, connections, state, slots))
                     accepting.start_soon(_sweep, state)
+                    if operations.metrics.multiprocess:
+                        accepting.start_soon(_sample, operations)
                     for task in tasks:
                         accepting.start_soon(task)
                     if operations.config is not None:

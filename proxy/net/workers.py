@@ -21,28 +21,41 @@ config, wrong PIN...): the supervisor stops the others and exits with its status
 that exits later is replaced, with a delay that grows while replacements keep dying young.
 SIGTERM or SIGINT is passed on to every worker, which drain and exit; SIGHUP is passed on
 too, and each worker reloads its config and secrets.
+
+With ``[admin]`` the supervisor serves the one admin address (net/fleet.py, ops/fleet.py):
+it binds it beside the reserved sockets, makes a private directory (0700) for the
+workers' prometheus-client multiprocess files (``PROMETHEUS_MULTIPROC_DIR``) and their
+admin sockets (``HSM_PROXY_WORKER_ADMIN``, one path per worker number, reused by a
+replacement), tells the metrics files when a worker is gone, and removes the directory
+when it stops.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.config import Address
+from proxy.config import Address, AdminConfig
 from proxy.errors import ConfigError
+from proxy.net.fleet import FleetAdmin, RunningWorker, bind_admin, bound_addresses
 from proxy.net.listen import listen_addresses
+from proxy.ops.admin import MULTIPROCESS_ENV
+from proxy.ops.fleet import FleetEndpoint, FleetMetrics, worker_exited
 from proxy.ops.logs import log
 
 WORKER_LISTEN_ENV = "HSM_PROXY_WORKER_LISTEN"
+WORKER_ADMIN_ENV = "HSM_PROXY_WORKER_ADMIN"
 READY_FD_ENV = "HSM_PROXY_READY_FD"
 TICKET_KEY_FD_ENV = "HSM_PROXY_TICKET_KEY_FD"
 _SHARED_TICKET_KEY_SIZE = 80  # tls.TICKET_KEY_SIZE; workers.py does not import the TLS layer
@@ -82,6 +95,11 @@ def worker_addresses() -> list[tuple[int, str, int]] | None:
     if not text:
         return None
     return [(int(family), str(host), int(port)) for family, host, port in json.loads(text)]
+
+
+def worker_admin_socket() -> str | None:
+    """In a worker of a supervisor with [admin]: the Unix socket to serve admin on."""
+    return os.environ.get(WORKER_ADMIN_ENV) or None
 
 
 def report_ready() -> None:
@@ -138,13 +156,21 @@ class _Worker:
 
 class Supervisor:
     def __init__(
-        self, command: list[str], count: int, listen: Address, shutdown_grace: float = 30.0
+        self,
+        command: list[str],
+        count: int,
+        listen: Address,
+        shutdown_grace: float = 30.0,
+        admin: AdminConfig | None = None,
     ) -> None:
         if count < 1:
             raise ConfigError(f"--workers: must be at least 1, got {count}")
         self._command = command
         self._count = count
         self._listen = listen
+        self._admin = admin
+        self._private: Path | None = None  # the workers' metrics files and admin sockets
+        self._workers: list[_Worker] = []
         self._stop_grace = shutdown_grace + _STOP_MARGIN_SECONDS
         self._ready: set[int] = set()
         self._ready_lock = threading.Lock()
@@ -163,6 +189,9 @@ class Supervisor:
             READY_FD_ENV: str(ready_fd),
             TICKET_KEY_FD_ENV: str(key_read),
         }
+        if self._private is not None:
+            env[MULTIPROCESS_ENV] = str(self._private / "metrics")
+            env[WORKER_ADMIN_ENV] = str(self._admin_socket(number))
         try:
             process = subprocess.Popen(self._command, env=env, pass_fds=(ready_fd, key_read))
         finally:
@@ -185,8 +214,48 @@ class Supervisor:
                     with self._ready_lock:
                         self._ready.add(int(line))
 
+    def _admin_socket(self, number: int) -> Path:
+        assert self._private is not None
+        return self._private / f"worker-{number}.sock"
+
+    def _running(self) -> list[RunningWorker]:
+        """The workers running now (the admin thread asks their /readyz)."""
+        return [
+            RunningWorker(worker.number, worker.process.pid, self._admin_socket(worker.number))
+            for worker in list(self._workers)
+            if worker.process.poll() is None
+        ]
+
+    def _start_admin(self, admin: AdminConfig) -> tuple[FleetAdmin, FleetMetrics]:
+        sockets = bind_admin(admin.listen)
+        self._private = Path(tempfile.mkdtemp(prefix="hsm-proxy-workers-"))
+        (self._private / "metrics").mkdir(mode=0o700)
+        metrics = FleetMetrics(self._private / "metrics")
+        fleet = FleetAdmin(sockets, FleetEndpoint(metrics, self._count), self._running)
+        fleet.start()
+        for address in bound_addresses(sockets):
+            log.info(f"admin endpoint http://{address}/ (healthz, readyz, metrics; all workers)")
+        return fleet, metrics
+
     def run(self) -> int:
         reserved, addresses = reserve(self._listen)
+        fleet: FleetAdmin | None = None
+        metrics: FleetMetrics | None = None
+        try:
+            if self._admin is not None:
+                fleet, metrics = self._start_admin(self._admin)
+            return self._supervise(addresses, metrics)
+        finally:
+            if fleet is not None:
+                fleet.stop()
+            if self._private is not None:
+                shutil.rmtree(self._private, ignore_errors=True)
+            for sock in reserved:
+                sock.close()
+
+    def _supervise(
+        self, addresses: list[tuple[int, str, int]], metrics: FleetMetrics | None
+    ) -> int:
         read_fd, write_fd = os.pipe()
         threading.Thread(target=self._read_ready, args=(read_fd,), daemon=True).start()
         previous = {
@@ -199,7 +268,8 @@ class Supervisor:
         # Workers start one after another: each logs in to the token while no other worker
         # of this host does (an HSM sees no burst of logins; SoftHSM2's file store is not
         # read while another process writes it).
-        workers = [self._spawn(1, addresses, write_fd)]
+        workers = self._workers
+        workers.append(self._spawn(1, addresses, write_fd))
         announced = False
         failures = 0
         try:
@@ -238,6 +308,9 @@ class Supervisor:
                         f"{status}; starting a replacement" + (f" in {delay:g}s" if delay else ""),
                         extra={"fields": {"event": "worker_exited", "worker": worker.number}},
                     )
+                    if metrics is not None:
+                        worker_exited(worker.process.pid, metrics.directory)
+                        metrics.restarts.inc()
                     if delay and self._stopping.wait(delay):
                         break
                     workers[index] = self._spawn(worker.number, addresses, write_fd)
@@ -248,8 +321,6 @@ class Supervisor:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             os.close(write_fd)
-            for sock in reserved:
-                sock.close()
 
     @staticmethod
     def _forward(signum: int, workers: list[_Worker]) -> None:

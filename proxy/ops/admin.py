@@ -8,6 +8,16 @@ moves bytes or ends, a generation is installed, a reload ends (``reload_finished
 generation/reload.py). Token signatures reach it through the token's :data:`SignatureObserver`,
 beside the audit log (:meth:`Metrics.observe_signature`).
 
+Under ``--workers`` each worker's metrics live in prometheus-client's multiprocess files
+(``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor), which the supervisor's endpoint
+adds up (ops/fleet.py): counters and histograms are summed, including what workers that
+have since exited counted; each gauge says how it combines (``multiprocess_mode``: open
+connections add up, a certificate's expiry is the earliest any live worker serves, the
+generation number is per worker, with a ``pid`` label). A gauge computed on demand
+(``set_function``) is not written to those files, so there the token queue depth is
+sampled once a second instead (:meth:`Metrics.sample`), and a server name a reload dropped
+is left at +Inf, which the supervisor leaves out (the files cannot forget a label).
+
 :class:`Readiness` answers "should this instance get traffic?". It is ready when a test
 signature by the token key verified against the certificate recently (the server probes
 every ``probe_interval`` seconds, and every handshake signature counts too, so a failing
@@ -25,6 +35,8 @@ connection to each upstream group) report here.
 from __future__ import annotations
 
 import datetime
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -114,17 +126,36 @@ def server_names(chain: Chain) -> list[str]:
     return names
 
 
+# Set by the --workers supervisor for its workers (prometheus-client's own variable).
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# A server name's expiry that a reload dropped, in multiprocess files (left out when read).
+DROPPED_EXPIRY = math.inf
+READY_METRIC = "hsm_proxy_ready"
+EXPIRY_METRIC = "hsm_proxy_certificate_expiry_timestamp_seconds"
+
+
 class Metrics:
     """Every metric hsm-proxy exports, in its own registry."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # A worker of a --workers supervisor: values go to the shared multiprocess files.
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
+        self._sampled: list[tuple[Gauge, Callable[[], int]]] = []
+        self._expiry_names: set[str] = set()
         r = self.registry
-        Gauge("hsm_proxy_info", "hsm-proxy version", ["version"], registry=r).labels(
-            __version__
-        ).set(1)
+        Gauge(
+            "hsm_proxy_info",
+            "hsm-proxy version",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        ).labels(__version__).set(1)
         self.connections_open = Gauge(
-            "hsm_proxy_connections_open", "Client TCP connections open now", registry=r
+            "hsm_proxy_connections_open",
+            "Client TCP connections open now",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections = Counter(
             "hsm_proxy_connections", "Client TCP connections accepted", registry=r
@@ -164,6 +195,7 @@ class Metrics:
             "hsm_proxy_token_queue_depth",
             "Handshake steps waiting for a token session slot (each may need a signature)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.requests = Counter(
             "hsm_proxy_requests",
@@ -210,23 +242,29 @@ class Metrics:
             registry=r,
         )
         self.certificate_expiry = Gauge(
-            "hsm_proxy_certificate_expiry_timestamp_seconds",
+            EXPIRY_METRIC,
             "Not-after time of the served certificate, per server name (Unix time)",
             ["server_name"],
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.generation = Gauge(
-            "hsm_proxy_generation", "Number of the generation being served", registry=r
+            "hsm_proxy_generation",
+            "Number of the generation being served",
+            registry=r,
+            multiprocess_mode="liveall",
         )
         self.ready = Gauge(
-            "hsm_proxy_ready",
+            READY_METRIC,
             "1 when /readyz says ready, else 0 (as of the last probe)",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.tcp_tunnels_open = Gauge(
             "hsm_proxy_tcp_tunnels_open",
             "TCP passthrough tunnels relaying bytes now",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.tcp_connections = Counter(
             "hsm_proxy_tcp_connections",
@@ -329,13 +367,28 @@ class Metrics:
     def generation_installed(self, number: int, served: Sequence[ServedCertificate]) -> None:
         """The server serves a new generation: export its number and certificates' expiry."""
         self.generation.set(number)
-        self.certificate_expiry.clear()
+        names = {name for certificate in served for name in certificate.names}
+        if self.multiprocess:
+            for dropped in self._expiry_names - names:
+                self.certificate_expiry.labels(dropped).set(DROPPED_EXPIRY)
+        else:
+            self.certificate_expiry.clear()
+        self._expiry_names = names
         for certificate in served:
             for name in certificate.names:
                 self.certificate_expiry.labels(name).set(certificate.not_after.timestamp())
 
     def track_queue(self, waiting: Callable[[], int]) -> None:
-        self.sign_queue.set_function(lambda: float(waiting()))
+        if self.multiprocess:
+            self._sampled.append((self.sign_queue, waiting))
+        else:
+            self.sign_queue.set_function(lambda: float(waiting()))
+
+    def sample(self) -> None:
+        """Multiprocess mode: write the gauges that are computed on demand (the server
+        calls this once a second)."""
+        for gauge, value in self._sampled:
+            gauge.set(value())
 
     def observe_signature(self, event: SignatureEvent) -> None:
         """Token observer (called from worker threads; prometheus-client is thread-safe)."""

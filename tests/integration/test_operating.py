@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from proxy import __version__
 from proxy.config import parse_config
 from proxy.errors import ConfigError
 from proxy.tls.certificates import load_chain
@@ -393,12 +394,87 @@ def test_readiness_follows_the_token_layer_through_a_device_error_and_recovery(
         fault.clear()
 
 
-def test_admin_with_several_workers_is_refused_clearly(
-    tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+def test_one_admin_endpoint_adds_up_every_workers_metrics_and_readiness(
+    proxy_factory: ProxyFactory, ca: trustme.CA, upstream: RecordingUpstream
 ) -> None:
-    from tests.support import run_cli, write_config
+    import os
+    import signal
 
-    config = write_config(tmp_path, hsm, ca, upstream.url, "ec256", extra_tls=admin_section())
-    result = run_cli("run", "--config", str(config), "--workers", "2")
-    assert result.returncode == 1
-    assert "[admin] serves one process's metrics and readiness; with --workers 2" in result.stderr
+    proxy = proxy_factory(
+        "ec256", extra_tls=admin_section(probe_interval=60), run_args=("--workers", "2")
+    )
+    proxy.wait_for_log(lambda entry: entry.get("event") == "workers_ready", timeout=60)
+    admin = admin_url(proxy.lines())
+    wait_until(lambda: get(f"{admin}/readyz")[0] == 200, timeout=60)  # both probes signed
+    status, _, body = get(f"{admin}/readyz")
+    workers = {
+        int(entry["worker_pid"]): entry["worker"]
+        for entry in proxy.lines()
+        if entry.get("event") == "worker_started"
+    }
+    assert body.splitlines() == [
+        "ready",
+        *(
+            f"ok worker {number} (pid {pid}): ready"
+            for pid, number in sorted(workers.items(), key=lambda item: item[1])
+        ),
+    ]
+    before = scrape(admin)
+    for number in range(16):  # fresh connections: the kernel spreads them over the workers
+        reply = https_request(proxy.port, client_context(ca), path=f"/spread/{number}")
+        assert reply.status == 200
+    served_by = {
+        entry["pid"] for entry in proxy.lines() if str(entry.get("path", "")).startswith("/spread/")
+    }
+    assert served_by == set(workers), "both workers must have served for this test to mean much"
+    after = scrape(admin)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    # One token signature per full handshake, across all workers.
+    assert delta("hsm_proxy_tls_sessions_total", kind="full") == 16
+    assert delta("hsm_proxy_token_signatures_total", mechanism="ECDSA", result="ok") == 16
+    assert delta("hsm_proxy_token_signature_duration_seconds_count", mechanism="ECDSA") == 16
+    assert delta("hsm_proxy_handshake_duration_seconds_count") == 16
+    assert delta("hsm_proxy_requests_total", status_class="2xx") == 16
+    assert delta("hsm_proxy_connections_total") == 16
+    wait_until(lambda: value(scrape(admin), "hsm_proxy_connections_open") == 0)
+    assert value(after, "hsm_proxy_ready") == 1
+    assert value(after, "hsm_proxy_token_queue_depth") == 0
+    assert value(after, "hsm_proxy_info", version=__version__) == 1
+    assert {dict(labels)["pid"] for name, labels in after if name == "hsm_proxy_generation"} == {
+        str(pid) for pid in workers
+    }
+    assert value(after, "hsm_proxy_certificate_expiry_timestamp_seconds", server_name="localhost")
+    # A worker that does not answer makes the whole fleet not ready, and says which.
+    stopped, number = next(iter(workers.items()))
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        status, _, body = get(f"{admin}/readyz")
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert status == 503
+    assert body.splitlines()[0] == "not ready"
+    assert f"FAIL worker {number} (pid {stopped}): its admin endpoint did not answer" in body
+    assert value(scrape(admin), "hsm_proxy_ready") == 0
+    wait_until(lambda: get(f"{admin}/readyz")[0] == 200)
+    # A worker that dies is replaced; what it counted stays counted.
+    os.kill(stopped, signal.SIGKILL)
+    proxy.wait_for_log(
+        lambda entry: (
+            entry.get("event") == "worker_started"
+            and entry["worker_pid"] != stopped
+            and int(entry["worker_pid"]) not in workers
+        ),
+        timeout=30,
+    )
+    wait_until(lambda: get(f"{admin}/readyz")[0] == 200, timeout=60)
+    later = scrape(admin)
+    assert value(later, "hsm_proxy_tls_sessions_total", kind="full") >= value(
+        after, "hsm_proxy_tls_sessions_total", kind="full"
+    )
+    assert value(later, "hsm_proxy_worker_restarts_total") == 1
+    assert str(stopped) not in {
+        dict(labels).get("pid") for name, labels in later if name == "hsm_proxy_generation"
+    }
