@@ -93,6 +93,7 @@ _HTTP_SECONDS = (
     "read_timeout",
     "pool_idle_timeout",
     "down_time",
+    "tunnel_idle_timeout",
 )
 
 

@@ -190,6 +190,8 @@ class HTTPConfig:
     max_connections: int = 1024  # client connections; more wait in the listen backlog
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
     forwarded: bool = False  # also send an RFC 7239 Forwarded header
+    # seconds an upgraded connection (WebSocket) may carry no byte either way; then closed
+    tunnel_idle_timeout: float = 3600.0
     # An encoded "/" or "." in a path (%2F, %2E) is refused (400) unless this is set.
     allow_ambiguous_paths: bool = False
     pool_size: int = 32  # idle keep-alive connections kept per upstream

@@ -64,6 +64,8 @@ from proxy.http.upstream import (
     UpstreamPools,
 )
 from proxy.net.pipeline import Client, ClientGone, ServerState
+from proxy.net.relay import Relay, Side
+from proxy.net.sockets import TCPStream
 from proxy.ops.admin import Metrics
 from proxy.ops.hardening import redact_headers
 from proxy.ops.logs import access_log, connection_context, log
@@ -265,29 +267,40 @@ async def _send_request(
 
 
 async def _tunnel(exchange: _Exchange, upstream: UpstreamConnection) -> None:
-    """Bytes both ways after a 101, until either side closes."""
+    """Bytes both ways after a 101, on the relay TCP passthrough uses (net/relay.py): a
+    half-close is carried to the other side, and the tunnel ends when both sides ended,
+    either broke, or no byte moved for ``http.tunnel_idle_timeout`` seconds."""
     client_rest = exchange.h11.trailing_data[0]
     stream, upstream_rest = upstream.take_over()
+    transport = exchange.stream.transport
+    if isinstance(transport, TCPStream):  # the relay's idle timeout bounds every wait now
+        transport.send_timeout = transport.receive_timeout = None
 
-    async def up(done: trio.CancelScope) -> None:
-        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+    def moved(source: Side, count: int) -> None:
+        if source is Side.UPSTREAM:
+            exchange.bytes_sent += count
+
+    try:
+        try:
             if client_rest:
                 await stream.send_all(client_rest)
-            while data := await exchange.stream.receive_some(_RECEIVE_SIZE):
-                await stream.send_all(data)
-        done.cancel()
-
-    async def down(done: trio.CancelScope) -> None:
-        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError, ClientGone):
             if upstream_rest:
                 await exchange.send_raw(upstream_rest)
-            while data := await stream.receive_some(_RECEIVE_SIZE):
-                await exchange.send_raw(data)
-        done.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(up, nursery.cancel_scope)
-        nursery.start_soon(down, nursery.cancel_scope)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone):
+            exchange.abort = True
+            return
+        idle_timeout = exchange.http.tunnel_idle_timeout
+        ended = await Relay(exchange.stream, stream, idle_timeout, on_moved=moved).run()
+        if ended.closed_by == "idle_timeout":
+            log.info(
+                f"upgraded connection closed: no byte either way for {idle_timeout:g}s "
+                "(http.tunnel_idle_timeout)",
+                extra={"fields": {"event": "tunnel_idle"}},
+            )
+        if ended.broken is not None or not ended.clean:
+            exchange.abort = True
+    finally:
+        stream.close()
 
 
 async def _early_response(upstream: UpstreamConnection) -> h11.Event | None:
