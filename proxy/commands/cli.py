@@ -6,6 +6,8 @@ Commands:
   check   build and validate everything a config names, print a table, serve nothing
   doctor  list the tokens and keys a PKCS#11 module shows
   reload  ask a running proxy to rebuild from its secrets (SIGHUP to its pid)
+  key     key generate: make a serving key pair inside a token (commands/keys.py)
+  csr     write a certificate signing request for a token key, signed in the token
 
 Every :class:`ProxyError` becomes one line on stderr and exit status 1; usage errors exit 2.
 PINs are never accepted on the command line: they come from a file or a variable.
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from proxy import __version__
+from proxy.commands import keys as key_commands
 from proxy.config import (
     ProxyConfig,
     TLSConfig,
@@ -150,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="test signatures to time per key (default 3, 0 for none)",
     )
+    key_commands.add_parsers(commands)
     return parser
 
 
@@ -457,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reload": _reload,
         "check": _check,
         "doctor": _doctor,
+        "key": key_commands.key_generate,
+        "csr": key_commands.csr,
     }
     try:
         return handlers[args.command](args)

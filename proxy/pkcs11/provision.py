@@ -4,8 +4,8 @@ Theory of operation. Dev mode (commands/devstate.py), the tests and the benchmar
 real SoftHSM2 tokens with these; serving traffic never writes to a token. python-pkcs11
 has no C_InitToken, and softhsm2-util would need the PINs on its command line, so
 :func:`initialize_token` makes that one call through ctypes, on the already initialised
-module. A generated private key is sensitive, can only sign, and, unless asked otherwise,
-is never extractable.
+module. Key pairs are made by keygen.py (the private key sensitive, sign only, and, unless
+asked otherwise, never extractable); ``hsm-proxy key generate`` is keygen.py's too.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from __future__ import annotations
 import ctypes
 
 import pkcs11.exceptions as p11err
-from pkcs11 import Attribute, KeyType, TokenFlag
-from pkcs11.util.ec import encode_named_curve_parameters
+from pkcs11 import TokenFlag
 
 from proxy.errors import TokenError
-from proxy.pkcs11.keys import EC_CURVES, RSA_BITS
+from proxy.pkcs11.keygen import generate_pair, parse_key_kind
 from proxy.pkcs11.login import login_failure
 from proxy.pkcs11.module import load_module
 
@@ -69,45 +68,15 @@ def generate_key(
 ) -> None:
     """Generate a key pair in the token: ``kind`` is ``P-256``, ``P-384`` or ``RSA-<bits>``.
 
-    The private key is sensitive, can only sign, and, unless asked otherwise, is never
-    extractable.
+    The pair has the custody attributes of keygen.py (the private key sensitive, sign
+    only) and, unless asked otherwise, is never extractable. Unlike ``hsm-proxy key
+    generate`` this does not refuse a label in use: the tests make duplicates on purpose.
     """
+    key_kind = parse_key_kind(kind)
     token = load_module(module_path).get_token(token_label=token_label)
-    private_template = {
-        Attribute.SENSITIVE: True,
-        Attribute.EXTRACTABLE: extractable,
-        Attribute.SIGN: True,
-        Attribute.SIGN_RECOVER: False,
-        Attribute.PRIVATE: True,
-    }
-    curves = {name: oid for oid, name in EC_CURVES.items()}
     try:
         with token.open(rw=True, user_pin=pin) as session:
-            if kind in curves:
-                private_template[Attribute.DERIVE] = False  # a TLS key only ever signs
-                params = session.create_domain_parameters(
-                    KeyType.EC,
-                    {Attribute.EC_PARAMS: encode_named_curve_parameters(curves[kind])},
-                    local=True,
-                )
-                params.generate_keypair(
-                    store=True, label=label, id=key_id, private_template=private_template
-                )
-            elif kind.startswith("RSA-") and kind[4:].isdigit() and int(kind[4:]) in RSA_BITS:
-                private_template[Attribute.DECRYPT] = False
-                private_template[Attribute.UNWRAP] = False
-                session.generate_keypair(
-                    KeyType.RSA,
-                    int(kind[4:]),
-                    store=True,
-                    label=label,
-                    id=key_id,
-                    private_template=private_template,
-                )
-            else:
-                raise TokenError(
-                    f"unsupported key kind {kind!r}; use P-256, P-384 or RSA-2048..4096"
-                )
+            generate_pair(session, key_kind, label, key_id, extractable=extractable)
     except p11err.PKCS11Error as exc:
         raise TokenError(f"generating {kind} key {label!r} failed: {type(exc).__name__}") from None
 
