@@ -144,9 +144,32 @@ def generate_pair(
 ) -> tuple[Any, Any]:
     """Generate ``kind`` in an open read-write, logged-in session: (public, private) objects.
 
-    ``key_id`` empty means no CKA_ID. PKCS#11 errors are the caller's to name.
+    ``key_id`` empty means no CKA_ID. A token that does not know the recover attributes
+    (CloudHSM's Client SDK 5 library has no sign-recover at all) refuses a template that
+    names them with CKR_ATTRIBUTE_TYPE_INVALID: the pair is then asked for without them.
+    PKCS#11 errors are the caller's to name.
     """
     public_template, private_template = custody_templates(extractable)
+    try:
+        return _generate(session, kind, label, key_id, public_template, private_template)
+    except p11err.AttributeTypeInvalid:
+        for template in (public_template, private_template):
+            for attribute in _RECOVER:
+                template.pop(attribute, None)
+        return _generate(session, kind, label, key_id, public_template, private_template)
+
+
+_RECOVER = (Attribute.SIGN_RECOVER, Attribute.VERIFY_RECOVER)
+
+
+def _generate(
+    session: Any,
+    kind: KeyKind,
+    label: str,
+    key_id: bytes,
+    public_template: dict[Any, Any],
+    private_template: dict[Any, Any],
+) -> tuple[Any, Any]:
     options: dict[str, Any] = {
         "store": True,
         "label": label,
