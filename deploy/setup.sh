@@ -8,26 +8,56 @@
 # distribution versions of those two packages: a dependency that wants newer ones makes the
 # install fail loudly instead of silently shadowing them with a wheel.
 #
-# Usage: deploy/setup.sh [--test] [--no-apt]
+# Usage: deploy/setup.sh [--test] [--no-apt] [--extra-ca FILE]
 #   --test    also install the test extras (pytest, trustme, httpx[http2], hypothesis, grpcio,
 #             mypy, ruff) and test tools (redis-server, redis-cli, h2load from Debian; sslyze,
-#             in its own virtualenv .venv-sslyze)
+#             in its own virtualenv .venv-sslyze; a Docker engine, docker-compose and
+#             debootstrap from Debian for deploy/test-docker.sh, unless an engine or compose is
+#             there already; kubernetes-validate in .venv-kubernetes)
 #   --no-apt  skip apt-get (for images that installed the Debian packages already)
+#   --extra-ca FILE
+#             also trust the CA certificates in FILE (PEM) for apt's and pip's downloads, as
+#             behind a TLS-inspecting proxy; FILE is read, never copied into the system's
+#             trust store (deploy/Dockerfile passes a BuildKit secret this way)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 with_tests=0
 use_apt=1
-for arg in "$@"; do
-  case "$arg" in
+extra_ca=""
+while [ "$#" -gt 0 ]; do
+  case "$1" in
     --test) with_tests=1 ;;
     --no-apt) use_apt=0 ;;
-    *) echo "setup.sh: unknown option $arg (known: --test, --no-apt)" >&2; exit 2 ;;
+    --extra-ca)
+      [ "$#" -ge 2 ] || { echo "setup.sh: --extra-ca needs a FILE" >&2; exit 2; }
+      extra_ca=$2
+      shift
+      ;;
+    *) echo "setup.sh: unknown option $1 (known: --test, --no-apt, --extra-ca FILE)" >&2; exit 2 ;;
   esac
+  shift
 done
 
 say() { printf 'setup.sh: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
+
+system_bundle=/etc/ssl/certs/ca-certificates.crt
+ca_work=""
+if [ -n "$extra_ca" ]; then
+  [ -r "$extra_ca" ] || die "--extra-ca $extra_ca: cannot read the file"
+  grep -q -- "-----BEGIN CERTIFICATE-----" "$extra_ca" \
+    || die "--extra-ca $extra_ca: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)"
+  ca_work=$(mktemp -d)
+  trap 'rm -rf "$ca_work"' EXIT
+fi
+# The system's trusted CAs (when ca-certificates is installed yet) plus the extra ones, in a
+# temporary file: both apt's CaInfo and pip's cert replace the default trust, never add to it.
+with_extra_ca() {
+  local bundle="$ca_work/bundle-$1.pem"
+  { [ -r "$system_bundle" ] && cat "$system_bundle"; cat "$extra_ca"; } >"$bundle"
+  printf '%s' "$bundle"
+}
 
 [ -r /etc/os-release ] || die "cannot read /etc/os-release; hsm-proxy supports Debian 12 and 13 only"
 # shellcheck disable=SC1091
@@ -45,6 +75,14 @@ if [ "$with_tests" = 1 ]; then
   packages+=(systemd)  # systemd-analyze verifies deploy/hsm-proxy.service
   packages+=(redis-server redis-tools)  # a real TCP upstream and client for TCP passthrough
   packages+=(nghttp2-client)  # h2load: many concurrent HTTP/2 streams (tests and bench)
+  # deploy/test-docker.sh: a Docker engine and compose from Debian, debootstrap for the base
+  # image. An engine or compose installed otherwise (Docker's own packages) is left alone:
+  # docker.io conflicts with docker-ce.
+  packages+=(debootstrap)
+  command -v dockerd >/dev/null || packages+=(docker.io)
+  if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
+    packages+=(docker-compose)
+  fi
 fi
 
 missing=()
@@ -58,9 +96,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
     command -v sudo >/dev/null || die "missing Debian packages ${missing[*]} and not root (install them, or run as root)"
     sudo_cmd=(sudo)
   fi
+  apt_options=()
+  [ -n "$extra_ca" ] && apt_options=(-o "Acquire::https::CaInfo=$(with_extra_ca apt)")
   say "installing Debian packages: ${missing[*]}"
-  "${sudo_cmd[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  "${sudo_cmd[@]}" apt-get "${apt_options[@]}" update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get "${apt_options[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 system_python=/usr/bin/python3
@@ -89,6 +129,7 @@ for name in ("pyOpenSSL", "cryptography", "cffi"):
 PY
 
 export PIP_CONSTRAINT="$constraints" PIP_DISABLE_PIP_VERSION_CHECK=1
+[ -n "$extra_ca" ] && export PIP_CERT="$(with_extra_ca pip)"
 extras=""
 [ "$with_tests" = 1 ] && extras="[test]"
 say "installing hsm-proxy${extras} into $venv"
@@ -113,6 +154,17 @@ if [ "$with_tests" = 1 ]; then
     rm -rf "$sslyze_venv"
     "$system_python" -m venv "$sslyze_venv"
     env -u PIP_CONSTRAINT "$sslyze_venv/bin/python" -m pip install -q "sslyze==$sslyze_version"
+  fi
+  # kubernetes-validate (tests/integration/test_deploy.py checks deploy/kubernetes/ against the
+  # Kubernetes API schemas it ships) wants a newer jsonschema than Debian's, which .venv sees
+  # through the system site-packages: it gets a virtualenv of its own too.
+  kubernetes_venv="$here/.venv-kubernetes"
+  kubernetes_validate_version=1.37.0
+  if ! "$kubernetes_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('kubernetes-validate') != '$kubernetes_validate_version')" 2>/dev/null; then
+    say "installing kubernetes-validate $kubernetes_validate_version into $kubernetes_venv (a separate venv: it needs a newer jsonschema)"
+    rm -rf "$kubernetes_venv"
+    "$system_python" -m venv "$kubernetes_venv"
+    env -u PIP_CONSTRAINT "$kubernetes_venv/bin/python" -m pip install -q "kubernetes-validate==$kubernetes_validate_version"
   fi
 fi
 

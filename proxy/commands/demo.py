@@ -3,11 +3,13 @@
 A plain HTTP/1.1 server on a loopback port (the stdlib's, in a daemon thread) that answers
 every request with a short text saying what arrived, including the X-Forwarded-* headers
 the proxy added, and echoes a request body back. It exists so that one command shows the
-whole path working; it is not a web framework.
+whole path working; it is not a web framework. ``python -m proxy.commands.demo HOST:PORT``
+serves it on its own, as the sample app of deploy/compose.yaml.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -46,3 +48,19 @@ def start_demo_upstream() -> str:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="demo-upstream", daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def main(argv: list[str]) -> int:
+    host, _, port = argv[0].rpartition(":") if len(argv) == 1 else ("", "", "")
+    if not host or not port.isdigit():
+        print("usage: python -m proxy.commands.demo HOST:PORT", file=sys.stderr)
+        return 2
+    server = ThreadingHTTPServer((host.strip("[]"), int(port)), _DemoHandler)
+    server.daemon_threads = True
+    print(f"demo upstream on http://{argv[0]}/", flush=True)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
