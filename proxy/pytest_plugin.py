@@ -14,6 +14,11 @@ test suites that do not use it (this repository's own suite included).
 * ``hsm_tls_endpoint_factory``: a function ``start(upstream_url=None)`` for tests that need
   several endpoints.
 
+A test whose endpoint did not stop cleanly fails at teardown, saying why: the proxy did not
+exit within the ini option ``hsm_proxy_shutdown_timeout`` (30 seconds) of SIGTERM (it is
+then killed), it exited with a status other than 0, or its log holds a traceback. A clean
+shutdown is part of what a test of a TLS endpoint shows.
+
 The token, its PIN and the development CA live in a session-scoped temporary directory;
 the subprocess selects its own ``SOFTHSM2_CONF``, so the plugin never changes the test
 process's environment. Only trusted test code should use this: it is a development tool.
@@ -36,6 +41,13 @@ from typing import Any
 import pytest
 
 _START_TIMEOUT = 60.0
+# Generous on a busy machine: a clean drain with nothing in flight takes well under a second.
+SHUTDOWN_TIMEOUT = 30.0
+_TRACEBACK = "Traceback (most recent call last)"
+
+
+class ProxyShutdownError(AssertionError):
+    """The proxy hung at shutdown, exited with a failure status, or logged a traceback."""
 
 
 @dataclass
@@ -56,8 +68,14 @@ class HSMEndpoint:
         """The proxy's JSON log lines so far: access lines, and audit lines per signature."""
         return read_json_lines(self.log_path)
 
-    def stop(self) -> None:
-        stop_process(self.process)
+    def stop(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """Stop the proxy; raise :class:`ProxyShutdownError` unless it stopped cleanly."""
+        hung = stop_process(self.process, timeout)
+        problems = shutdown_problems(
+            self.process, self.log_path.read_text(), hung=hung, timeout=timeout
+        )
+        if problems:
+            raise ProxyShutdownError(describe_shutdown(problems, self.log_path))
 
 
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
@@ -68,15 +86,59 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
 
 
-def stop_process(process: subprocess.Popen[Any]) -> None:
-    """SIGTERM (the proxy drains and exits), then SIGKILL after 10 s."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+def stop_process(process: subprocess.Popen[Any], timeout: float = SHUTDOWN_TIMEOUT) -> bool:
+    """SIGTERM (the proxy drains and exits), then SIGKILL after ``timeout`` seconds.
+    Returns whether it had to be killed (it hung at shutdown)."""
+    if process.poll() is not None:
+        return False
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return True
+    return False
+
+
+def shutdown_problems(
+    process: subprocess.Popen[Any],
+    log_text: str,
+    *,
+    hung: bool,
+    timeout: float = SHUTDOWN_TIMEOUT,
+    exit_statuses: frozenset[int] = frozenset({0}),
+    tracebacks_expected: bool = False,
+) -> list[str]:
+    """What went wrong with a proxy that has stopped: it hung at shutdown, it exited with a
+    status not in ``exit_statuses``, or its log (JSON lines or text) holds a traceback."""
+    problems = []
+    if hung:
+        problems.append(f"it did not exit within {timeout:g} s of SIGTERM and was killed")
+    elif process.returncode not in exit_statuses:
+        problems.append(f"it exited with status {process.returncode}")
+    if not tracebacks_expected:
+        count = sum(1 for line in log_text.splitlines() if _holds_traceback(line))
+        if count:
+            problems.append(f"its log holds {count} traceback(s)")
+    return problems
+
+
+def _holds_traceback(line: str) -> bool:
+    if line.startswith("{"):
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            entry = json.loads(line)
+        except ValueError:
+            return False  # a line cut short by a kill
+        return isinstance(entry, dict) and "exception" in entry
+    return line.startswith(_TRACEBACK)
+
+
+def describe_shutdown(problems: list[str], log_path: Path) -> str:
+    """A failure message: what went wrong, then the end of the proxy's log."""
+    tail = "\n".join(log_path.read_text().splitlines()[-40:])
+    summary = "; ".join(problems)
+    return f"the proxy did not stop cleanly: {summary}. Its log ({log_path}) ends:\n{tail}"
 
 
 def start_endpoint(state_dir: Path, log_path: Path, upstream_url: str | None) -> HSMEndpoint:
@@ -120,6 +182,14 @@ def start_endpoint(state_dir: Path, log_path: Path, upstream_url: str | None) ->
     raise RuntimeError(f"hsm-proxy dev did not start serving:\n{output}")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "hsm_proxy_shutdown_timeout",
+        "seconds an hsm-proxy endpoint may take to exit after SIGTERM before its test fails",
+        default=str(SHUTDOWN_TIMEOUT),
+    )
+
+
 @pytest.fixture(scope="session")
 def hsm_proxy_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the session's SoftHSM2 token, PIN and development CA live."""
@@ -134,9 +204,10 @@ def hsm_proxy_upstream() -> str | None:
 
 @pytest.fixture
 def hsm_tls_endpoint_factory(
-    hsm_proxy_state_dir: Path, tmp_path: Path
+    hsm_proxy_state_dir: Path, tmp_path: Path, pytestconfig: pytest.Config
 ) -> Iterator[Callable[..., HSMEndpoint]]:
     started: list[HSMEndpoint] = []
+    timeout = float(pytestconfig.getini("hsm_proxy_shutdown_timeout"))
 
     def start(upstream_url: str | None = None) -> HSMEndpoint:
         log_path = tmp_path / f"hsm-proxy-{len(started) + 1}.log"
@@ -145,8 +216,14 @@ def hsm_tls_endpoint_factory(
         return endpoint
 
     yield start
+    failures = []
     for endpoint in started:
-        endpoint.stop()
+        try:
+            endpoint.stop(timeout)
+        except ProxyShutdownError as failure:
+            failures.append(str(failure))
+    if failures:
+        pytest.fail("\n\n".join(failures), pytrace=False)
 
 
 @pytest.fixture

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, https_request, proxy_command
+from tests.support import REPO, ProxyProcess, https_request, proxy_command
 
 
 def _start_dev(
     state: Path, log: Path, listen: str = "127.0.0.1:0"
 ) -> tuple[subprocess.Popen[str], int]:
+    """`hsm-proxy dev` serving; :func:`_stop` stops it and checks that it stopped cleanly."""
     env = {key: value for key, value in os.environ.items() if key != "SOFTHSM2_CONF"}
     with log.open("w") as sink:
         process = subprocess.Popen(
@@ -34,6 +35,7 @@ def _start_dev(
     while time.monotonic() < deadline:
         match = re.search(r"curl --cacert \S+ https://localhost:(\d+)/", log.read_text())
         if match:
+            _logs[process.pid] = log
             return process, int(match.group(1))
         if process.poll() is not None:
             break
@@ -42,13 +44,12 @@ def _start_dev(
     raise AssertionError(f"dev did not start:\n{log.read_text()}")
 
 
+_logs: dict[int, Path] = {}
+
+
 def _stop(process: subprocess.Popen[str]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
+    """Stop it; fail if it hung at shutdown, exited non-zero or logged a traceback."""
+    ProxyProcess(process, _logs.pop(process.pid)).stop()
 
 
 def test_dev_serves_the_demo_upstream_end_to_end(tmp_path: Path) -> None:

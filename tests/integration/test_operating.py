@@ -478,3 +478,19 @@ def test_one_admin_endpoint_adds_up_every_workers_metrics_and_readiness(
     assert str(stopped) not in {
         dict(labels).get("pid") for name, labels in later if name == "hsm_proxy_generation"
     }
+
+
+def test_a_proxy_that_did_not_stop_cleanly_fails_the_test_that_started_it(
+    proxy_factory: ProxyFactory, upstream: RecordingUpstream
+) -> None:
+    """Every proxy the fixtures start is checked when it stops (tests/support ProxyProcess):
+    a killed one fails unless the test said it kills it on purpose."""
+    proxy = proxy_factory("ec256")
+    proxy.process.kill()
+    proxy.process.wait()
+    with pytest.raises(AssertionError, match="it exited with status -9"):
+        proxy.stop()
+    killed = proxy_factory("ec256")
+    killed.expect_exit(-9)
+    killed.process.kill()
+    killed.stop()  # said so first: no failure, here or at the fixture's teardown

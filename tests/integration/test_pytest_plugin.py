@@ -48,3 +48,26 @@ def test_the_default_upstream_is_the_demo_and_fixtures_are_listed(tmp_path: Path
     listed = _pytest(tmp_path, "--fixtures", "test_demo.py")
     for name in ("hsm_tls_endpoint", "hsm_tls_endpoint_factory", "hsm_proxy_upstream"):
         assert name in listed.stdout
+
+
+def test_an_endpoint_that_does_not_stop_cleanly_fails_its_test(tmp_path: Path) -> None:
+    """Killed (a non-zero exit), or hung at shutdown (stopped, so SIGTERM does nothing):
+    each test fails at teardown and says why, instead of a silent SIGKILL."""
+    (tmp_path / "test_unclean.py").write_text(
+        "import os, signal\n\n"
+        "def test_killed(hsm_tls_endpoint):\n"
+        "    os.kill(hsm_tls_endpoint.process.pid, signal.SIGKILL)\n"
+        "    hsm_tls_endpoint.process.wait()\n\n"
+        "def test_hung(hsm_tls_endpoint):\n"
+        "    os.kill(hsm_tls_endpoint.process.pid, signal.SIGSTOP)\n\n"
+        "def test_clean(hsm_tls_endpoint):\n"
+        "    pass\n"
+    )
+    result = _pytest(tmp_path, "-o", "hsm_proxy_shutdown_timeout=2", "test_unclean.py")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "3 passed, 2 errors" in result.stdout, result.stdout
+    assert "ERROR at teardown of test_killed" in result.stdout
+    assert "it exited with status -9" in result.stdout
+    assert "ERROR at teardown of test_hung" in result.stdout
+    assert "it did not exit within 2 s of SIGTERM and was killed" in result.stdout
+    assert "teardown of test_clean" not in result.stdout

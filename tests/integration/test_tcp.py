@@ -25,10 +25,10 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from proxy.pytest_plugin import stop_process
 from tests.support import (
     REPO,
     ProxyFactory,
+    ProxyProcess,
     client_context,
     https_request,
     peak_rss_kib,
@@ -444,5 +444,4 @@ def test_dev_mode_relays_to_a_tcp_upstream(tmp_path: Path, byte_upstream: Script
             client.send(b"ECHO\nthrough dev mode")
             assert client.receive() == b"through dev mode"
     finally:
-        stop_process(process)
-    assert process.returncode == 0
+        ProxyProcess(process, log).stop()  # fails unless it stopped cleanly

@@ -21,6 +21,7 @@ from tests.support import (
     HSM,
     REPO,
     ProxyFactory,
+    ProxyProcess,
     RecordingUpstream,
     StartOnFaulthsm,
     client_context,
@@ -127,6 +128,7 @@ def test_dev_mode_loads_another_module_that_forwards_to_the_dev_token(
             ),
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            text=True,
             env=env,
             cwd=REPO,
         )
@@ -141,8 +143,7 @@ def test_dev_mode_loads_another_module_that_forwards_to_the_dev_token(
         assert f"module:   {faulthsm}" in log_path.read_text()
         assert read_stats(stats)["signatures"] >= 1  # the handshake signed through faulthsm
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        ProxyProcess(process, log_path).stop()  # fails unless it stopped cleanly
 
 
 def test_pool_is_sized_down_to_the_sessions_the_token_allows(

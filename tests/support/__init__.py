@@ -25,7 +25,12 @@ from proxy.commands.devstate import find_softhsm_module, use_softhsm_config
 from proxy.pkcs11.provision import generate_key, initialize_token
 from proxy.pkcs11.token import Token
 from proxy.pkcs11.uri import KeyURI
-from proxy.pytest_plugin import read_json_lines, stop_process
+from proxy.pytest_plugin import (
+    describe_shutdown,
+    read_json_lines,
+    shutdown_problems,
+    stop_process,
+)
 from proxy.tls.certificates import DevCA
 
 TOKEN_LABEL = "proxy"
@@ -251,12 +256,24 @@ def write_config(
 
 
 class ProxyProcess:
-    """`hsm-proxy run` in a subprocess, its JSON log lines, and where it listens."""
+    """`hsm-proxy run` in a subprocess, its JSON log lines, and where it listens.
+
+    :meth:`stop` fails (AssertionError) when the proxy did not stop cleanly: it hung at
+    shutdown, exited with another status than 0, or logged a traceback. A test that kills a
+    proxy or provokes a traceback on purpose says so first (:meth:`expect_exit`,
+    :attr:`tracebacks_expected`)."""
 
     def __init__(self, process: subprocess.Popen[str], log_path: Path) -> None:
         self.process = process
         self.log_path = log_path
         self.port = 0
+        self.exit_statuses = frozenset({0})
+        self.tracebacks_expected = False
+        self._checked = False
+
+    def expect_exit(self, *statuses: int) -> None:
+        """The exit statuses this test makes on purpose (-9: it SIGKILLs the proxy)."""
+        self.exit_statuses = frozenset(statuses)
 
     @classmethod
     def start(
@@ -300,7 +317,7 @@ class ProxyProcess:
         try:
             proxy.wait_until_serving()
         except AssertionError:
-            proxy.stop()
+            proxy.stop(check=False)  # the start-up failure is the one to report
             raise
         return proxy
 
@@ -344,8 +361,34 @@ class ProxyProcess:
     def url(self) -> str:
         return f"https://localhost:{self.port}"
 
-    def stop(self) -> None:
-        stop_process(self.process)
+    def stop(self, check: bool = True) -> None:
+        """SIGTERM and wait; then (once, unless ``check`` is False) fail if it did not stop
+        cleanly."""
+        hung = stop_process(self.process)
+        if not check or self._checked:
+            return
+        self._checked = True
+        problems = shutdown_problems(
+            self.process,
+            self.log_path.read_text(),
+            hung=hung,
+            exit_statuses=self.exit_statuses,
+            tracebacks_expected=self.tracebacks_expected,
+        )
+        if problems:
+            raise AssertionError(describe_shutdown(problems, self.log_path))
+
+
+def stop_all(proxies: list[ProxyProcess]) -> None:
+    """Stop every proxy, then fail with what each one that did not stop cleanly did."""
+    failures = []
+    for proxy in proxies:
+        try:
+            proxy.stop()
+        except AssertionError as failure:
+            failures.append(str(failure))
+    if failures:
+        raise AssertionError("\n\n".join(failures))
 
 
 ProxyFactory = Callable[..., ProxyProcess]
@@ -427,8 +470,7 @@ class StartedProxies:
         return process
 
     def stop_all(self) -> None:
-        for process in self.started:
-            process.stop()
+        stop_all(self.started)
 
 
 # Starts a proxy in front of an upstream URL (the start_proxy fixture of the integration tests).

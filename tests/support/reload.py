@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 from cryptography import x509
 
-from tests.support import REPO, ProxyProcess, https_request, proxy_command
+from tests.support import REPO, ProxyProcess, https_request, proxy_command, stop_all
 
 RELOAD_SETTINGS = "\n[reload]\nwatch_interval = 0.2\naws_poll_interval = 0.5\n"
 
@@ -32,8 +32,10 @@ MOTO_SERVER = REPO / ".venv-moto" / "bin" / "moto_server"
 
 
 def stop_launched() -> None:
-    while _launched:
-        _launched.pop().stop()
+    """Stop what :func:`launch` started; fail if one did not stop cleanly."""
+    launched = list(_launched)
+    _launched.clear()
+    stop_all(launched)
 
 
 def launch(directory: Path, config: Path, *extra: str) -> ProxyProcess:
