@@ -115,6 +115,13 @@ def parse_forwarding(
         raise ConfigError(f"http.shutdown_grace: must be 0 or more, got {grace}")
     values["shutdown_grace"] = float(grace)
     values["forwarded"] = table.take("forwarded", bool, defaults.forwarded)
+    mode = table.take("max_connections_mode", str, defaults.max_connections_mode)
+    if mode not in ("queue", "refuse"):
+        raise ConfigError(
+            'http.max_connections_mode: must be "queue" (wait in the listen backlog) or '
+            f'"refuse" (close at once), got {mode!r}'
+        )
+    values["max_connections_mode"] = mode
     values["alpn"] = _http_alpn(table, defaults.alpn)
     values["allow_ambiguous_paths"] = table.take(
         "allow_ambiguous_paths", bool, defaults.allow_ambiguous_paths

@@ -167,8 +167,19 @@ def _parse_security(table: Table) -> SecurityConfig:
             f"security.max_handshakes_per_client: must be from 1 to max_handshakes "
             f"({total}), got {per_client}"
         )
+    rate = table.take("handshake_rate_per_client", (int, float), 0.0)
+    if not 0 <= rate <= 1_000_000:
+        raise ConfigError(
+            f"security.handshake_rate_per_client: must be from 0 (no limit) to 1000000 "
+            f"handshakes a second, got {rate}"
+        )
+    burst = table.take("handshake_burst_per_client", int, 20)
+    if not 1 <= burst <= 1_000_000:
+        raise ConfigError(
+            f"security.handshake_burst_per_client: must be from 1 to 1000000, got {burst}"
+        )
     table.finish()
-    return SecurityConfig(allow_insecure, user, total, per_client)
+    return SecurityConfig(allow_insecure, user, total, per_client, float(rate), burst)
 
 
 def load_config(path: Path) -> ProxyConfig:

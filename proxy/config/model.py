@@ -114,6 +114,10 @@ class SecurityConfig:
     # unbounded work for the token).
     max_handshakes: int = 1024
     max_handshakes_per_client: int = 64
+    # Handshakes a second per client address, on average (0: no limit), in bursts of up to
+    # handshake_burst_per_client: a token bucket per address.
+    handshake_rate_per_client: float = 0.0
+    handshake_burst_per_client: int = 20
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,8 @@ class HTTPConfig:
     connect_timeout: float = 5.0  # upstream connect; then the next address, or 502/504
     read_timeout: float = 60.0  # seconds the upstream neither sends nor takes bytes; then 504
     max_connections: int = 1024  # client connections; more wait in the listen backlog
+    # "queue": connections beyond max_connections wait in the backlog; "refuse": closed at once
+    max_connections_mode: str = "queue"
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
     forwarded: bool = False  # also send an RFC 7239 Forwarded header
     # seconds an upgraded connection (WebSocket) may carry no byte either way; then closed

@@ -127,13 +127,16 @@ class Handlers:
 
 async def _admitted(state: ServerState, stream: TCPStream, peer: str) -> HandshakeSlot | None:
     """A handshake slot, or None (the connection is closed) over the handshake limits."""
-    slot = state.handshakes.admit(peer)
+    limiter = state.handshakes
+    slot = limiter.admit(peer)
     if slot is not None:
         return slot
-    refused = state.handshakes.refusal_report()
+    state.metrics.connection_refused(limiter.refused_reason)
+    refused = limiter.refusal_report()
     if refused:
         log.warning(
-            f"refused {refused} connections over the handshake limits",
+            f"refused {refused} connections over the handshake limits (the last one: "
+            f"{limiter.refused_reason}, from {peer})",
             extra={"fields": {"event": "handshake_limit", "client": peer}},
         )
     with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):

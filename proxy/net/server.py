@@ -3,7 +3,8 @@
 Theory of operation. :func:`serve` binds the listeners (or, under ``--workers``, its own
 ``SO_REUSEPORT`` socket on the address the supervisor reserved, workers.py) and accepts at
 most ``http.max_connections`` client connections at a time (more wait in the kernel's
-listen backlog; running out of file descriptors pauses accepting). Each connection is a
+listen backlog, or with ``max_connections_mode = "refuse"`` are closed at once, counted and
+logged; running out of file descriptors pauses accepting). Each connection is a
 task that runs the pipeline (pipeline.py): admission, handshake, one protocol handler,
 the close. Beside the listeners run the handlers' once-a-second sweep, the caller's tasks
 (the reloader) and, when configured, the admin listener and its readiness probes
@@ -35,7 +36,7 @@ from proxy.generation.holder import GenerationHolder
 from proxy.http.admin import handle_admin
 from proxy.http.exchange import HTTP1Handler
 from proxy.http2.handler import HTTP2Handler
-from proxy.net.limits import HandshakeLimiter
+from proxy.net.limits import HandshakeLimiter, Refusals
 from proxy.net.listen import open_listeners
 from proxy.net.pipeline import HTTP1, HTTP2, TCP, Handlers, ServerState, handle_connection
 from proxy.net.readiness import probe_readiness
@@ -54,9 +55,12 @@ async def _accept(
     connections: trio.Nursery,
     state: ServerState,
     slots: trio.Semaphore,
+    refusals: Refusals | None = None,
 ) -> None:
     """Accept while fewer than ``http.max_connections`` are open; beyond, new connections
-    wait in the kernel's backlog. Running out of file descriptors pauses accepting."""
+    wait in the kernel's backlog, or with ``refusals`` (``max_connections_mode =
+    "refuse"``) are accepted and closed at once, counted and logged. Running out of file
+    descriptors pauses accepting."""
 
     async def run(stream: trio.SocketStream) -> None:
         try:
@@ -65,20 +69,42 @@ async def _accept(
             slots.release()
 
     while True:
-        await slots.acquire()
+        if refusals is None:
+            await slots.acquire()
         try:
             stream = await listener.accept()
         except OSError as exc:
-            slots.release()
+            if refusals is None:
+                slots.release()
             if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                 raise
             log.warning(f"cannot accept a connection now: {exc.strerror}; retrying")
             await trio.sleep(0.1)
             continue
         except BaseException:
-            slots.release()
+            if refusals is None:
+                slots.release()
             raise
+        if refusals is not None:
+            try:
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                _refuse(stream, state, refusals)
+                continue
         connections.start_soon(run, stream)
+
+
+def _refuse(stream: trio.SocketStream, state: ServerState, refusals: Refusals) -> None:
+    """Close a connection beyond http.max_connections before reading a byte."""
+    stream.socket.close()
+    state.metrics.connection_refused("max_connections")
+    count = refusals.refused()
+    if count:
+        log.warning(
+            f"refused {count} connections over http.max_connections "
+            f"({state.holder.current.config.http.max_connections} open)",
+            extra={"fields": {"event": "connection_limit"}},
+        )
 
 
 async def _sweep(state: ServerState) -> None:
@@ -163,7 +189,12 @@ async def serve(
         holder,
         trio.CapacityLimiter(holder.current.token.pool_size),
         handlers=Handlers({HTTP1: http1, HTTP2: HTTP2Handler(http1.pools), TCP: TCPHandler()}),
-        handshakes=HandshakeLimiter(security.max_handshakes, security.max_handshakes_per_client),
+        handshakes=HandshakeLimiter(
+            security.max_handshakes,
+            security.max_handshakes_per_client,
+            rate_per_client=security.handshake_rate_per_client,
+            burst_per_client=security.handshake_burst_per_client,
+        ),
         metrics=operations.metrics,
     )
     operations.serving(holder.current.number, holder.current.chains())
@@ -187,6 +218,7 @@ async def serve(
     elif operations.config is not None:
         admin_listeners, admin_bound = await _listen(operations.config.listen, "admin")
     slots = trio.Semaphore(http.max_connections)
+    refusals = Refusals() if http.max_connections_mode == "refuse" else None
     signals = (
         trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
         if handle_signals
@@ -197,7 +229,9 @@ async def serve(
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
                     for listener in listeners:
-                        accepting.start_soon(partial(_accept, listener, connections, state, slots))
+                        accepting.start_soon(
+                            partial(_accept, listener, connections, state, slots, refusals)
+                        )
                     accepting.start_soon(_sweep, state)
                     if operations.metrics.multiprocess:
                         accepting.start_soon(_sample, operations)

@@ -160,6 +160,13 @@ class Metrics:
         self.connections = Counter(
             "hsm_proxy_connections", "Client TCP connections accepted", registry=r
         )
+        self.connections_refused = Counter(
+            "hsm_proxy_connections_refused",
+            "Client connections closed at once, by reason (max_connections, handshake_limit, "
+            "handshake_rate)",
+            ["reason"],
+            registry=r,
+        )
         self.handshakes = Counter(
             "hsm_proxy_handshakes",
             "TLS handshakes by protocol version and result (ok, failed, timeout)",
@@ -290,6 +297,8 @@ class Metrics:
         # Label values known in advance appear at 0, so rate() works from the first scrape.
         for closed_by in TCP_CLOSED_BY:
             self.tcp_connections.labels(closed_by)
+        for reason in ("max_connections", "handshake_limit", "handshake_rate"):
+            self.connections_refused.labels(reason)
         for kind in ("connect", "connect_timeout"):
             self.tcp_connect_failures.labels(kind)
         self._tcp_up = self.tcp_bytes.labels("up")
@@ -315,6 +324,9 @@ class Metrics:
 
     def connection_closed(self) -> None:
         self.connections_open.dec()
+
+    def connection_refused(self, reason: str) -> None:
+        self.connections_refused.labels(reason).inc()
 
     def handshake_finished(
         self, version: str | None, result: str, seconds: float, resumed: bool = False
