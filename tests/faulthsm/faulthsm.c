@@ -1,6 +1,7 @@
 /*
  * faulthsm: a PKCS#11 module that forwards every call to a real one (SoftHSM2 by default)
- * and, on command, makes signatures slow, makes calls fail, or hides mechanisms.
+ * and, on command, makes signatures slow, makes calls fail, hides mechanisms, or refuses
+ * attributes it does not know.
  * Written for hsm-proxy's tests and benchmark; not for production.
  *
  * Build:  gcc -shared -fPIC -O2 -o libfaulthsm.so faulthsm.c -ldl
@@ -33,6 +34,12 @@
  *                                         (CKR_MECHANISM_INVALID)
  *   FAULTHSM_MAX_SESSIONS  max_sessions  the session limit C_GetTokenInfo reports
  *                                         (ulMaxSessionCount; 0 leaves the real value)
+ *   FAULTHSM_REFUSE_ATTRIBUTES refuse_attributes  comma-separated attribute types
+ *                                         (CKA_SIGN_RECOVER or 0x109) the token does not
+ *                                         know, as AWS CloudHSM's SDK 5 library knows no
+ *                                         sign-recover: a C_GenerateKeyPair template naming
+ *                                         one and a C_GetAttributeValue asking for one get
+ *                                         CKR_ATTRIBUTE_TYPE_INVALID
  *   FAULTHSM_STATS         -             a file rewritten after every signature with
  *                                         "signatures=N" (signatures made by this process)
  *                                         and "max_in_flight=M" (most C_Sign calls that
@@ -41,7 +48,8 @@
  * Known names: CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_DEVICE_MEMORY, CKR_GENERAL_ERROR,
  * CKR_FUNCTION_FAILED, CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED,
  * CKR_USER_NOT_LOGGED_IN, CKR_TOKEN_NOT_PRESENT, CKR_CRYPTOKI_NOT_INITIALIZED;
- * CKM_RSA_PKCS, CKM_RSA_X_509, CKM_RSA_PKCS_PSS, CKM_ECDSA.
+ * CKM_RSA_PKCS, CKM_RSA_X_509, CKM_RSA_PKCS_PSS, CKM_ECDSA; CKA_SIGN_RECOVER,
+ * CKA_VERIFY_RECOVER.
  *
  * Example: export FAULTHSM_CONTROL=/tmp/fault; echo error=CKR_DEVICE_ERROR > /tmp/fault
  * makes every signature fail until `rm /tmp/fault`.
@@ -71,6 +79,8 @@ typedef struct { unsigned long type; void *pValue; CK_ULONG ulValueLen; } CK_ATT
 #define CKR_BUFFER_TOO_SMALL 0x150UL
 #define CKR_MECHANISM_INVALID 0x70UL
 #define CKR_GENERAL_ERROR 0x5UL
+#define CKR_ATTRIBUTE_TYPE_INVALID 0x12UL
+#define CK_UNAVAILABLE_INFORMATION (~0UL)
 
 /* The 68 functions of CK_FUNCTION_LIST (v2.x), in their standard order. */
 enum {
@@ -110,6 +120,8 @@ typedef struct {
     unsigned long max_sessions; /* > 0: reported as the token's ulMaxSessionCount */
     CK_MECHANISM_TYPE hidden[MAX_HIDDEN];
     int hidden_count;
+    unsigned long refused[MAX_HIDDEN]; /* attribute types the token does not know */
+    int refused_count;
 } settings_t;
 
 static settings_t env_settings;
@@ -147,7 +159,8 @@ static const struct { const char *name; unsigned long value; } names[] = {
     {"CKR_SESSION_HANDLE_INVALID", 0xB3}, {"CKR_SESSION_CLOSED", 0xB0},
     {"CKR_USER_NOT_LOGGED_IN", 0x101}, {"CKR_TOKEN_NOT_PRESENT", 0xE0},
     {"CKR_CRYPTOKI_NOT_INITIALIZED", 0x190}, {"CKM_RSA_PKCS", 0x1}, {"CKM_RSA_X_509", 0x3},
-    {"CKM_RSA_PKCS_PSS", 0xD}, {"CKM_ECDSA", 0x1041},
+    {"CKM_RSA_PKCS_PSS", 0xD}, {"CKM_ECDSA", 0x1041}, {"CKA_SIGN_RECOVER", 0x109},
+    {"CKA_VERIFY_RECOVER", 0x10B},
 };
 
 static int parse_code(const char *text, unsigned long *out) {
@@ -189,6 +202,13 @@ static void apply(settings_t *s, const char *key, char *value) {
              item = strtok(NULL, ",")) {
             unsigned long code;
             if (parse_code(trim(item), &code)) s->hidden[s->hidden_count++] = code;
+        }
+    } else if (strcmp(key, "refuse_attributes") == 0) {
+        s->refused_count = 0;
+        for (char *item = strtok(value, ","); item && s->refused_count < MAX_HIDDEN;
+             item = strtok(NULL, ",")) {
+            unsigned long code;
+            if (parse_code(trim(item), &code)) s->refused[s->refused_count++] = code;
         }
     } else fprintf(stderr, "faulthsm: unknown setting %s\n", key);
 }
@@ -234,6 +254,18 @@ static settings_t current(void) {
 static int is_hidden(const settings_t *s, CK_MECHANISM_TYPE mechanism) {
     for (int i = 0; i < s->hidden_count; i++)
         if (s->hidden[i] == mechanism) return 1;
+    return 0;
+}
+
+static int is_refused(const settings_t *s, unsigned long type) {
+    for (int i = 0; i < s->refused_count; i++)
+        if (s->refused[i] == type) return 1;
+    return 0;
+}
+
+static int names_refused(const settings_t *s, const CK_ATTRIBUTE *template, CK_ULONG n) {
+    for (CK_ULONG i = 0; template && i < n; i++)
+        if (is_refused(s, template[i].type)) return 1;
     return 0;
 }
 
@@ -305,10 +337,29 @@ static CK_RV w_FindObjectsInit(CK_SESSION_HANDLE session, CK_ATTRIBUTE *template
 
 static CK_RV w_GetAttributeValue(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object,
                                  CK_ATTRIBUTE *template, CK_ULONG n) {
-    FAIL_ALL();
-    return REAL(GetAttributeValue, CK_RV (*)(CK_SESSION_HANDLE, CK_OBJECT_HANDLE,
-                                             CK_ATTRIBUTE *, CK_ULONG))(session, object,
-                                                                        template, n);
+    settings_t s = current();
+    if (s.error != CKR_OK && s.error_all && fails(&s)) return s.error;
+    CK_RV rv = REAL(GetAttributeValue, CK_RV (*)(CK_SESSION_HANDLE, CK_OBJECT_HANDLE,
+                                                 CK_ATTRIBUTE *, CK_ULONG))(session, object,
+                                                                            template, n);
+    if (!names_refused(&s, template, n)) return rv;
+    for (CK_ULONG i = 0; i < n; i++)  /* as a token that does not know them answers */
+        if (is_refused(&s, template[i].type)) template[i].ulValueLen = CK_UNAVAILABLE_INFORMATION;
+    return rv == CKR_OK ? CKR_ATTRIBUTE_TYPE_INVALID : rv;
+}
+
+static CK_RV w_GenerateKeyPair(CK_SESSION_HANDLE session, CK_MECHANISM *mechanism,
+                               CK_ATTRIBUTE *public_template, CK_ULONG public_count,
+                               CK_ATTRIBUTE *private_template, CK_ULONG private_count,
+                               CK_OBJECT_HANDLE *public_key, CK_OBJECT_HANDLE *private_key) {
+    settings_t s = current();
+    if (names_refused(&s, public_template, public_count) ||
+        names_refused(&s, private_template, private_count))
+        return CKR_ATTRIBUTE_TYPE_INVALID;
+    typedef CK_RV (*fn)(CK_SESSION_HANDLE, CK_MECHANISM *, CK_ATTRIBUTE *, CK_ULONG,
+                        CK_ATTRIBUTE *, CK_ULONG, CK_OBJECT_HANDLE *, CK_OBJECT_HANDLE *);
+    return REAL(GenerateKeyPair, fn)(session, mechanism, public_template, public_count,
+                                     private_template, private_count, public_key, private_key);
 }
 
 static CK_RV w_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE *list, CK_ULONG *count) {
@@ -402,6 +453,7 @@ static void load(void) {
     ours.f[F_GetAttributeValue] = (void *)w_GetAttributeValue;
     ours.f[F_SignInit] = (void *)w_SignInit;
     ours.f[F_Sign] = (void *)w_Sign;
+    ours.f[F_GenerateKeyPair] = (void *)w_GenerateKeyPair;
 
     apply_env(&env_settings, "FAULTHSM_DELAY_MS", "delay_ms");
     apply_env(&env_settings, "FAULTHSM_JITTER_MS", "jitter_ms");
@@ -409,6 +461,7 @@ static void load(void) {
     apply_env(&env_settings, "FAULTHSM_ERROR_CALLS", "error_calls");
     apply_env(&env_settings, "FAULTHSM_HIDE", "hide");
     apply_env(&env_settings, "FAULTHSM_MAX_SESSIONS", "max_sessions");
+    apply_env(&env_settings, "FAULTHSM_REFUSE_ATTRIBUTES", "refuse_attributes");
     const char *control = getenv("FAULTHSM_CONTROL");
     if (control && *control) control_path = strdup(control);
     const char *stats = getenv("FAULTHSM_STATS");

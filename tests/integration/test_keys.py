@@ -179,6 +179,27 @@ def test_key_generate_refuses_a_label_or_an_id_in_use(fresh_token: FreshToken) -
     assert set(fresh_token.objects()) == {("Private", "web"), ("Public", "web")}
 
 
+def test_key_generate_on_a_token_that_knows_no_sign_recover(
+    fresh_token: FreshToken, faulthsm: Path
+) -> None:
+    """CloudHSM's SDK 5 library has no sign-recover: a template naming CKA_SIGN_RECOVER is
+    refused with CKR_ATTRIBUTE_TYPE_INVALID (faulthsm plays it), so the pair is asked for
+    without the recover attributes, and its custody is still read back."""
+    refused = {
+        "FAULTHSM_MODULE": fresh_token.module,
+        "FAULTHSM_REFUSE_ATTRIBUTES": "CKA_SIGN_RECOVER,CKA_VERIFY_RECOVER",
+    }
+    result = fresh_token.cli(
+        "key", "generate", "--module", str(faulthsm), "--token", "deploy", "--label", "web",
+        "--rsa", "2048", "--pin-file", str(fresh_token.pin_file), env=refused,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert parse_key_uri(result.stdout.strip()).object == "web"
+    private = fresh_token.objects()[("Private", "web")]
+    assert _field(private, "Access") == "sensitive, always sensitive, never extractable, local"
+    assert _field(private, "Usage") == "sign"
+
+
 WRONG_PIN = {"WRONG_PIN": "wrong-7731"}
 KEY_GENERATE_ERRORS = [
     (["--ec", "P-256", "--pin-env", "WRONG_PIN"], "login to token 'deploy' failed: the PIN is"),
