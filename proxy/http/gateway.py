@@ -155,11 +155,14 @@ class UpstreamCall:
         self.where = str(connection.config)
         return connection
 
-    async def send_head(self, body: bytes = b"", end: bool = False) -> None:
-        """The head, with the first body bytes and, when ``end``, the end of the request."""
+    async def send_head(
+        self, body: bytes = b"", end: bool = False, trailers: list[Field] | None = None
+    ) -> None:
+        """The head, with the first body bytes and, when ``end``, the end of the request
+        (with ``trailers``, as :meth:`end`)."""
         connection = await self._connect(fresh=False)
         while True:
-            data = self._encode_head(connection, body, end)
+            data = self._encode_head(connection, body, end, trailers)
             try:
                 await connection.send_data(data)
             except UpstreamFailure as failure:
@@ -172,13 +175,26 @@ class UpstreamCall:
                 self._whole = data
             return
 
-    def _encode_head(self, connection: UpstreamConnection, body: bytes, end: bool) -> bytes:
+    def _encode_head(
+        self,
+        connection: UpstreamConnection,
+        body: bytes,
+        end: bool,
+        trailers: list[Field] | None,
+    ) -> bytes:
         pieces = [connection.encode(self.prepared.outgoing)]
         if body:
             pieces.append(connection.encode(h11.Data(data=body)))
         if end:
-            pieces.append(connection.encode(h11.EndOfMessage()))
+            pieces.append(self._encode_end(connection, trailers))
         return b"".join(pieces)
+
+    def _encode_end(self, connection: UpstreamConnection, trailers: list[Field] | None) -> bytes:
+        fields = _trailer_fields(trailers) if trailers and self.prepared.chunked else []
+        try:
+            return connection.encode(h11.EndOfMessage(headers=fields))
+        except h11.LocalProtocolError:  # a trailer h11 will not write (Content-Length ...)
+            return connection.encode(h11.EndOfMessage())
 
     async def send_body(self, data: bytes) -> None:
         assert self._connection is not None
@@ -187,12 +203,7 @@ class UpstreamCall:
     async def end(self, trailers: list[Field] | None = None) -> None:
         """The end of the request body; ``trailers`` go upstream when the body is chunked."""
         assert self._connection is not None
-        fields = _trailer_fields(trailers) if trailers and self.prepared.chunked else []
-        try:
-            end = self._connection.encode(h11.EndOfMessage(headers=fields))
-        except h11.LocalProtocolError:
-            end = self._connection.encode(h11.EndOfMessage())
-        await self._connection.send_data(end)
+        await self._connection.send_data(self._encode_end(self._connection, trailers))
 
     async def response(self) -> tuple[int, list[Field]]:
         """The final response's status and fields (1xx answers are skipped)."""

@@ -109,6 +109,7 @@ class _Stream:
     """One request stream, as the reader and its task share it."""
 
     __slots__ = (
+        "bodiless",
         "body",
         "ended",
         "headers",
@@ -126,6 +127,7 @@ class _Stream:
         self.id = stream_id
         self.headers = headers
         self.ended = ended
+        self.bodiless = ended  # END_STREAM on the HEADERS frame: no body at all
         self.body: list[tuple[bytes, int]] = []  # (data, flow-controlled length)
         self.trailers: list[Field] | None = None
         self.wake: trio.Event | None = None  # body bytes or the end arrived
@@ -428,6 +430,13 @@ class _Connection:
                 await self.forward(stream, head, log_fields)
         except _StreamGone:
             pass
+        except Exception:
+            # A bug serving one stream must not take the connection's other streams along.
+            log.exception(
+                "HTTP/2 stream failed unexpectedly", extra={"fields": {"stream_id": stream.id}}
+            )
+            log_fields["status"] = 500
+            self.send_reset(stream.id, ErrorCodes.INTERNAL_ERROR)
         finally:
             stream.reading = False
             self.release_body(stream)
@@ -460,7 +469,7 @@ class _Connection:
                 head.method,
                 head.target,
                 head.fields,
-                has_body=not stream.ended,
+                has_body=not stream.bodiless,
                 client=self.info,
                 http=self.http,
                 routing=self.routing,
@@ -507,14 +516,21 @@ class _Connection:
     async def send_request(self, stream: _Stream, head: RequestHead, call: UpstreamCall) -> None:
         """The head and the whole body to the upstream, acknowledging the body to the
         client only as the upstream takes it."""
-        if stream.ended:
-            await call.send_head(self.take_body(stream), end=True)
+        if stream.bodiless:
+            await call.send_head(end=True)
             return
-        if head.expect_continue and not stream.body:
+        if head.expect_continue and not stream.body and not stream.ended:
             self.send_headers(stream, [(b":status", b"100")], end=False, final=False)
-        await call.send_head(self.take_body(stream), end=stream.ended)
         limit = self.http.max_body_bytes
-        received = 0
+        first = self.take_body(stream)
+        received = len(first)
+        if limit and received > limit:
+            raise Refused(413, "request body too large")
+        if stream.ended:  # the whole request is here: one write upstream
+            stream.reading = False
+            await call.send_head(first, end=True, trailers=stream.trailers)
+            return
+        await call.send_head(first)
         while not stream.ended or stream.body:
             if stream.body:
                 data = self.take_body(stream)

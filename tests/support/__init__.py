@@ -118,6 +118,12 @@ class SeenRequest:
     body: bytes
 
 
+class _Server(ThreadingHTTPServer):
+    # The library's backlog of 5 overflows when many HTTP/2 streams open upstream
+    # connections at once; a connection left in a full accept queue stalls for a minute.
+    request_queue_size = 1024
+
+
 class RecordingUpstream:
     """An HTTP/1.1 server on loopback that records what reaches it and answers in JSON."""
 
@@ -176,7 +182,7 @@ class RecordingUpstream:
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
