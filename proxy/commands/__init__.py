@@ -1,1 +1,1 @@
-"""The ``hsm-proxy`` commands: the command line and what dev, check and doctor do."""
+"""The ``hsm-proxy`` commands: the command line and what dev, check, doctor, key and csr do."""

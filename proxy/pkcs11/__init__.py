@@ -9,6 +9,7 @@ One concern per module, in dependency order:
 * ``token``: Token (session pool, signing, recovery) and TokenKey;
 * ``testsign``: a test signature and its verification (readiness, doctor);
 * ``inventory``: slots, mechanisms and keys, as ``hsm-proxy doctor`` lists them;
+* ``keygen``: serving key pairs with their custody attributes (``hsm-proxy key generate``);
 * ``provision``: initialising tokens, generating keys, changing PINs (dev mode, tests).
 
 Import from the module that owns a name; this file imports nothing.
