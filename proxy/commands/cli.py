@@ -306,7 +306,12 @@ def _run(args: argparse.Namespace) -> int:
     # The supervisor never loads the PKCS#11 module: each spawned worker does (workers.py).
     command = worker_command(path.resolve(), args.log_level, args.log_format)
     supervisor = Supervisor(
-        command, args.workers, config.listen, config.http.shutdown_grace, admin=config.admin
+        command,
+        args.workers,
+        config.listen,
+        config.http.shutdown_grace,
+        admin=config.admin,
+        user=config.security.user,
     )
     return supervisor.run()
 

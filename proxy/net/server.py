@@ -1,7 +1,7 @@
 """The server: listeners, accepting, and the graceful drain.
 
-Theory of operation. :func:`serve` binds the listeners (or, under ``--workers``, its own
-``SO_REUSEPORT`` socket on the address the supervisor reserved, workers.py) and accepts at
+Theory of operation. :func:`serve` binds the listeners (or, under ``--workers``, takes the
+``SO_REUSEPORT`` sockets its supervisor bound for it, workers.py) and accepts at
 most ``http.max_connections`` client connections at a time (more wait in the kernel's
 listen backlog, or with ``max_connections_mode = "refuse"`` are closed at once, counted and
 logged; running out of file descriptors pauses accepting). Each connection is a
@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import nullcontext, suppress
 from functools import partial
@@ -40,7 +41,7 @@ from proxy.net.limits import HandshakeLimiter, Refusals
 from proxy.net.listen import open_listeners
 from proxy.net.pipeline import HTTP1, HTTP2, TCP, Handlers, ServerState, handle_connection
 from proxy.net.readiness import probe_readiness
-from proxy.net.workers import report_ready, worker_addresses, worker_admin_socket
+from proxy.net.workers import report_ready, worker_admin_socket, worker_sockets
 from proxy.ops.admin import Operations, token_state
 from proxy.ops.logs import log
 from proxy.tcp.handler import TCPHandler
@@ -114,20 +115,9 @@ async def _sweep(state: ServerState) -> None:
         state.handlers.sweep()
 
 
-async def _reuse_port_listener(family: int, host: str, port: int) -> trio.SocketListener:
-    """A worker's own listening socket on the address the supervisor reserved (workers.py)."""
-    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
-        if family == trio.socket.AF_INET6:
-            sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
-        await sock.bind((host, port))
-        sock.listen(_LISTEN_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return trio.SocketListener(sock)
+def _inherited_listener(fd: int) -> trio.SocketListener:
+    """A worker's listening socket, bound by its supervisor (workers.py)."""
+    return trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
 
 
 def _bound(listeners: list[trio.SocketListener]) -> list[str]:
@@ -201,12 +191,12 @@ async def serve(
     operations.metrics.track_queue(lambda: state.sign_limiter.statistics().tasks_waiting)
     operations.readiness.add_check(lambda: token_state(state.holder.current.token))
     http = holder.current.config.http
-    shared = worker_addresses()
+    shared = worker_sockets()
     try:
         if shared is None:
             listeners = await open_listeners(listen.host, listen.port, _LISTEN_BACKLOG)
         else:
-            listeners = [await _reuse_port_listener(*address) for address in shared]
+            listeners = [_inherited_listener(fd) for fd in shared]
     except OSError as exc:
         raise TLSError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     bound = _bound(listeners)

@@ -6,14 +6,20 @@ parent is unusable in a forked child. So the supervisor never loads a PKCS#11 mo
 initialises the module, logs in and builds its generation on its own, exactly as a single
 process does.
 
-Sharing the port: the supervisor resolves the listen address (listen.py: localhost is both
-loopbacks), binds one socket per address with ``SO_REUSEPORT`` and keeps it bound but
-never listening (so port 0 becomes one concrete port, and the port stays reserved while
-workers come and go). Each worker binds its own listening socket to that concrete address
-with ``SO_REUSEPORT``; the kernel spreads
-new connections across the workers' sockets by a hash of the connection's addresses. The
-addresses reach workers in ``HSM_PROXY_WORKER_LISTEN`` (JSON); a worker reports that it
-serves by writing its pid to the pipe named by ``HSM_PROXY_READY_FD``.
+Sharing the port: the supervisor resolves the listen address and, for each worker number,
+binds one listening socket per address with ``SO_REUSEPORT`` (port 0 becomes one concrete
+port, the first socket's), as nginx's master does with ``reuseport``. Worker N inherits
+its sockets (their descriptors in ``HSM_PROXY_WORKER_LISTEN``, JSON), and so does the
+worker that replaces it: the kernel spreads new connections across the sockets by a hash
+of the connection's addresses, and connections that reach a dead worker's sockets wait in
+their backlog for its replacement. A worker reports that it serves by writing its pid to
+the pipe named by ``HSM_PROXY_READY_FD``.
+
+Privileges: the supervisor binds everything a worker needs while it may still be root
+(the listening sockets, the admin listener, the private directory handed to
+``security.user``), then drops root (ops/hardening.py) before it starts the first
+worker. So no worker ever runs as root, a replacement gets the same sockets, and a
+privileged port needs no capability in any worker.
 
 Workers start one at a time, each once the previous one serves. Supervision: a worker
 that exits before all workers became ready is a start-up failure (bad
@@ -32,6 +38,7 @@ when it stops.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -52,6 +59,7 @@ from proxy.net.fleet import FleetAdmin, RunningWorker, bind_admin, bound_address
 from proxy.net.listen import listen_addresses
 from proxy.ops.admin import MULTIPROCESS_ENV
 from proxy.ops.fleet import FleetEndpoint, FleetMetrics, worker_exited
+from proxy.ops.hardening import drop_privileges, hand_over
 from proxy.ops.logs import log
 
 WORKER_LISTEN_ENV = "HSM_PROXY_WORKER_LISTEN"
@@ -85,16 +93,19 @@ def inherited_ticket_key() -> bytes | None:
 
 
 _STOP_MARGIN_SECONDS = 5.0  # beyond the workers' own shutdown grace
+_LISTEN_BACKLOG = 4096
+# An added loopback address the host does not have: skipped, not an error.
+_ABSENT = {errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT}
 _YOUNG_SECONDS = 5.0
 _MAX_RESTART_DELAY = 30.0
 
 
-def worker_addresses() -> list[tuple[int, str, int]] | None:
-    """In a worker: the (family, host, port) to bind with SO_REUSEPORT; None otherwise."""
+def worker_sockets() -> list[int] | None:
+    """In a worker: the descriptors of the listening sockets it inherited; None otherwise."""
     text = os.environ.get(WORKER_LISTEN_ENV)
     if not text:
         return None
-    return [(int(family), str(host), int(port)) for family, host, port in json.loads(text)]
+    return [int(fd) for fd in json.loads(text)]
 
 
 def worker_admin_socket() -> str | None:
@@ -110,41 +121,56 @@ def report_ready() -> None:
             os.write(int(fd), f"{os.getpid()}\n".encode())
 
 
-def reserve(listen: Address) -> tuple[list[socket.socket], list[tuple[int, str, int]]]:
-    """Bind (without listening) one SO_REUSEPORT socket per address ``listen`` names."""
+def _reuse_port_socket(family: int, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(_LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def listening_sockets(
+    listen: Address, count: int
+) -> tuple[list[list[socket.socket]], list[tuple[int, str, int]]]:
+    """For each of ``count`` workers, one listening SO_REUSEPORT socket per address
+    ``listen`` names (all on one port); and the (family, host, port) of each address."""
     try:
         candidates = listen_addresses(listen.host, listen.port)
     except socket.gaierror as exc:
         raise ConfigError(f"listen: cannot resolve {listen.host!r}: {exc.strerror}") from None
-    sockets: list[socket.socket] = []
+    first: list[socket.socket] = []
+    slots = [first]
     addresses: list[tuple[int, str, int]] = []
     port = listen.port
-    for family, host, required in candidates:
-        try:
-            reserved = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:
-            if not required:
-                continue  # IPv6 is off: no ::1 for localhost
-            for other in sockets:
-                other.close()
-            raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            reserved.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            reserved.bind((host, port))
-        except OSError as exc:
-            reserved.close()
-            if not required:
-                continue  # a loopback added for localhost that this host does not have
-            for other in sockets:
-                other.close()
-            raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-        port = reserved.getsockname()[1]  # port 0: every address shares the first choice
-        sockets.append(reserved)
-        addresses.append((int(family), host, port))
-    return sockets, addresses
+    try:
+        for family, host, required in candidates:
+            try:
+                sock = _reuse_port_socket(family, host, port)
+            except OSError as exc:
+                if not required and exc.errno in _ABSENT:
+                    continue  # a loopback added for localhost that this host does not have
+                raise
+            port = sock.getsockname()[1]  # port 0: every address shares the first choice
+            first.append(sock)
+            addresses.append((int(family), host, port))
+        for _ in range(count - 1):
+            slot: list[socket.socket] = []
+            slots.append(slot)
+            for family, host, port in addresses:
+                slot.append(_reuse_port_socket(family, host, port))
+    except OSError as exc:
+        for slot in slots:
+            for sock in slot:
+                sock.close()
+        raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    return slots, addresses
 
 
 @dataclass
@@ -162,6 +188,7 @@ class Supervisor:
         listen: Address,
         shutdown_grace: float = 30.0,
         admin: AdminConfig | None = None,
+        user: str | None = None,
     ) -> None:
         if count < 1:
             raise ConfigError(f"--workers: must be at least 1, got {count}")
@@ -169,6 +196,8 @@ class Supervisor:
         self._count = count
         self._listen = listen
         self._admin = admin
+        self._user = user  # security.user: dropped to once everything is bound
+        self._slots: list[list[socket.socket]] = []  # each worker number's listening sockets
         self._private: Path | None = None  # the workers' metrics files and admin sockets
         self._workers: list[_Worker] = []
         self._stop_grace = shutdown_grace + _STOP_MARGIN_SECONDS
@@ -179,13 +208,14 @@ class Supervisor:
         # used when the config names none, so that workers resume each other's sessions.
         self._ticket_key = os.urandom(_SHARED_TICKET_KEY_SIZE)
 
-    def _spawn(self, number: int, addresses: list[tuple[int, str, int]], ready_fd: int) -> _Worker:
+    def _spawn(self, number: int, ready_fd: int) -> _Worker:
+        listening = [sock.fileno() for sock in self._slots[number - 1]]
         key_read, key_write = os.pipe()
         os.write(key_write, self._ticket_key)  # 80 bytes: far below a pipe's buffer
         os.close(key_write)
         env = {
             **os.environ,
-            WORKER_LISTEN_ENV: json.dumps(addresses),
+            WORKER_LISTEN_ENV: json.dumps(listening),
             READY_FD_ENV: str(ready_fd),
             TICKET_KEY_FD_ENV: str(key_read),
         }
@@ -193,7 +223,9 @@ class Supervisor:
             env[MULTIPROCESS_ENV] = str(self._private / "metrics")
             env[WORKER_ADMIN_ENV] = str(self._admin_socket(number))
         try:
-            process = subprocess.Popen(self._command, env=env, pass_fds=(ready_fd, key_read))
+            process = subprocess.Popen(
+                self._command, env=env, pass_fds=(ready_fd, key_read, *listening)
+            )
         finally:
             os.close(key_read)
         log.info(
@@ -230,6 +262,10 @@ class Supervisor:
         sockets = bind_admin(admin.listen)
         self._private = Path(tempfile.mkdtemp(prefix="hsm-proxy-workers-"))
         (self._private / "metrics").mkdir(mode=0o700)
+        if self._user is not None and os.geteuid() == 0:
+            # The workers (and the supervisor, once it dropped root) write here as the user.
+            hand_over(self._private, self._user)
+            hand_over(self._private / "metrics", self._user)
         metrics = FleetMetrics(self._private / "metrics")
         fleet = FleetAdmin(sockets, FleetEndpoint(metrics, self._count), self._running)
         fleet.start()
@@ -238,20 +274,25 @@ class Supervisor:
         return fleet, metrics
 
     def run(self) -> int:
-        reserved, addresses = reserve(self._listen)
+        self._slots, addresses = listening_sockets(self._listen, self._count)
         fleet: FleetAdmin | None = None
         metrics: FleetMetrics | None = None
         try:
             if self._admin is not None:
                 fleet, metrics = self._start_admin(self._admin)
+            # Everything is bound: privileged ports are no reason to stay root any longer.
+            warning = drop_privileges(self._user)
+            if warning:
+                log.warning(warning)
             return self._supervise(addresses, metrics)
         finally:
             if fleet is not None:
                 fleet.stop()
             if self._private is not None:
                 shutil.rmtree(self._private, ignore_errors=True)
-            for sock in reserved:
-                sock.close()
+            for slot in self._slots:
+                for sock in slot:
+                    sock.close()
 
     def _supervise(
         self, addresses: list[tuple[int, str, int]], metrics: FleetMetrics | None
@@ -269,7 +310,7 @@ class Supervisor:
         # of this host does (an HSM sees no burst of logins; SoftHSM2's file store is not
         # read while another process writes it).
         workers = self._workers
-        workers.append(self._spawn(1, addresses, write_fd))
+        workers.append(self._spawn(1, write_fd))
         announced = False
         failures = 0
         try:
@@ -277,7 +318,7 @@ class Supervisor:
                 with self._ready_lock:
                     ready = {w.process.pid for w in workers} & self._ready
                 if len(workers) < self._count and len(ready) == len(workers):
-                    workers.append(self._spawn(len(workers) + 1, addresses, write_fd))
+                    workers.append(self._spawn(len(workers) + 1, write_fd))
                     continue
                 if not announced and len(ready) == self._count:
                     announced = True
@@ -313,7 +354,7 @@ class Supervisor:
                         metrics.restarts.inc()
                     if delay and self._stopping.wait(delay):
                         break
-                    workers[index] = self._spawn(worker.number, addresses, write_fd)
+                    workers[index] = self._spawn(worker.number, write_fd)
             log.info("stopping workers")
             return 0
         finally:

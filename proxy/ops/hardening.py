@@ -14,7 +14,9 @@ Theory of operation. Three guards, each small and independent:
   wherever headers are logged.
 * :func:`drop_privileges` switches a process started as root to an unprivileged user (its
   group and supplementary groups) after the listeners are bound, and proves that root
-  cannot be regained.
+  cannot be regained; a single process does it once it serves, a ``--workers``
+  supervisor before it starts any worker (net/workers.py), after :func:`hand_over` gave
+  the user the directory the workers share.
 """
 
 from __future__ import annotations
@@ -176,6 +178,16 @@ def install_excepthooks() -> None:
 
 
 # -- privileges ---------------------------------------------------------------------------
+
+
+def hand_over(path: Path, user: str) -> None:
+    """Make ``path`` (a directory root made for the processes that will run as ``user``)
+    belong to ``user`` and its group."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"security.user: no user named {user!r} on this system") from None
+    os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 def drop_privileges(user: str | None) -> str | None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,6 +200,86 @@ def test_root_is_dropped_after_binding(
         assert uid_line.split()[1:] == [str(nobody)] * 4  # real, effective, saved, fs
         assert https_request(proxy.port, client_context(ca)).status == 200
         assert proxy.signatures() == 1
+
+
+def _free_privileged_port() -> int:
+    for port in range(1023, 900, -1):
+        with contextlib.suppress(OSError), socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
+            return port
+    pytest.skip("no free port below 1024 on 127.0.0.1")
+
+
+def _uids(pid: int) -> list[str]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping root needs a test run as root")
+def test_the_supervisor_binds_then_drops_root_before_starting_any_worker(
+    tmp_path: Path,
+    hsm: HSM,
+    ca: trustme.CA,
+    upstream: RecordingUpstream,
+    request: pytest.FixtureRequest,
+) -> None:
+    from tests.support.operating import admin_section, admin_url, get, wait_until
+
+    port = _free_privileged_port()
+    # Workers start as the user: what they read must be where it can go (pytest's own
+    # temporary directories are private to root).
+    work = Path(tempfile.mkdtemp(prefix="hsm-proxy-drop-"))
+    request.addfinalizer(lambda: shutil.rmtree(work, ignore_errors=True))
+    config = write_config(work, hsm, ca, upstream.url, "ec256", extra_tls=admin_section(60))
+    config.write_text(
+        config.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"', 1)
+        + '\n[security]\nuser = "nobody"\n'
+    )
+    nobody = subprocess.check_output(["id", "-u", "nobody"]).decode().strip()
+    for path in [hsm.directory, *hsm.directory.rglob("*"), work, *work.iterdir()]:
+        os.chown(path, int(nobody), -1)
+    proxy = ProxyProcess.run_config(config, tmp_path, run_args=("--workers", "2"))
+    try:
+        proxy.wait_for_log(lambda entry: entry.get("event") == "workers_ready", timeout=60)
+        workers = [
+            int(entry["worker_pid"])
+            for entry in proxy.lines()
+            if entry.get("event") == "worker_started"
+        ]
+        # The supervisor and every worker: real, effective, saved and filesystem uid.
+        for pid in (proxy.process.pid, *workers):
+            assert _uids(pid) == [nobody] * 4, pid
+        dropped = [line for line in proxy.lines() if "dropped root" in line["message"]]
+        assert [line["pid"] for line in dropped] == [proxy.process.pid]  # no worker was root
+        assert https_request(port, client_context(ca)).status == 200
+        admin = admin_url(proxy.lines())
+        wait_until(lambda: get(f"{admin}/readyz")[0] == 200, timeout=60)
+        # A replacement, started by the unprivileged supervisor, serves on the same port.
+        os.kill(workers[0], 9)
+        proxy.wait_for_log(
+            lambda entry: (
+                entry.get("event") == "worker_started" and int(entry["worker_pid"]) not in workers
+            ),
+            timeout=30,
+        )
+        wait_until(lambda: get(f"{admin}/readyz")[0] == 200, timeout=60)
+        replacement = next(
+            int(entry["worker_pid"])
+            for entry in proxy.lines()
+            if entry.get("event") == "worker_started" and int(entry["worker_pid"]) not in workers
+        )
+        assert _uids(replacement) == [nobody] * 4
+        for number in range(64):  # fresh connections until the kernel hashes one to it
+            https_request(port, client_context(ca), path=f"/after/{number}")
+            if any(
+                entry.get("pid") == replacement and entry.get("path", "").startswith("/after/")
+                for entry in proxy.lines()
+            ):
+                break
+        else:
+            raise AssertionError("the replacement worker served none of 64 connections")
+    finally:
+        proxy.stop()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the warning is about running as root")
