@@ -70,6 +70,12 @@ def test_extractable_key_is_refused_by_policy_and_warned_about_otherwise(
     assert result.returncode == 1
     assert "is extractable: its value could leave the token" in result.stderr
     assert 'key_custody = "refuse"' in result.stderr
+    # `run` refuses to start on it too: one clear line, a failure status, nothing served.
+    refused = run_cli("run", "--config", str(config), timeout=60)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "is extractable: its value could leave the token" in refused.stderr
+    assert 'key_custody = "refuse"' in refused.stderr
+    assert "serving https://" not in refused.stdout + refused.stderr
     proxy = proxy_factory("loose")
     warning = proxy.wait_for_log(lambda entry: entry.get("event") == "key_custody")
     assert warning["level"] == "warning"
