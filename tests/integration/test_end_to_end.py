@@ -251,20 +251,30 @@ def test_a_silent_client_is_dropped_after_the_handshake_timeout(
     proxy.wait_for_log(lambda entry: entry.get("message") == "TLS handshake timed out")
 
 
+# Each refused suite is tried against a key that could serve it (an RSA-authenticated
+# suite needs an RSA certificate, else it is refused whatever the policy), beside an
+# allowed suite on the same key that connects: only the policy tells them apart.
 @pytest.mark.parametrize(
-    "cipher",
+    ("cipher", "key", "allowed"),
     [
-        "AES128-GCM-SHA256",
-        "ECDHE-ECDSA-AES128-SHA256",
-        "ECDHE-ECDSA-AES256-SHA",
-        "DHE-RSA-AES128-GCM-SHA256",
+        ("AES128-GCM-SHA256", "rsa2048", "ECDHE-RSA-AES128-GCM-SHA256"),
+        ("DHE-RSA-AES128-GCM-SHA256", "rsa2048", "ECDHE-RSA-AES128-GCM-SHA256"),
+        ("ECDHE-RSA-AES128-SHA256", "rsa2048", "ECDHE-RSA-AES128-GCM-SHA256"),
+        ("ECDHE-ECDSA-AES128-SHA256", "ec256", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+        ("ECDHE-ECDSA-AES256-SHA", "ec256", "ECDHE-ECDSA-AES128-GCM-SHA256"),
     ],
 )
 def test_tls12_refuses_suites_without_ecdhe_or_aead(
-    cipher: str, proxy_factory: ProxyFactory, upstream: RecordingUpstream
+    cipher: str, key: str, allowed: str, proxy_factory: ProxyFactory, upstream: RecordingUpstream
 ) -> None:
-    proxy = proxy_factory("ec256")
+    proxy = proxy_factory(key)
+    served = _s_client(proxy.port, "-tls1_2", "-cipher", allowed, stdin=b"Q\n")
+    assert served.returncode == 0, served.stderr
+    assert f"Cipher is {allowed}".encode() in served.stdout
+    signed = proxy.signatures()
+    assert signed == 1
     result = _s_client(proxy.port, "-tls1_2", "-cipher", cipher)
     assert result.returncode != 0
-    assert b"handshake failure" in result.stderr + result.stdout
-    assert proxy.signatures() == 0
+    # The server's alert, not the client's own refusal to offer the suite.
+    assert b"alert handshake failure" in result.stderr + result.stdout
+    assert proxy.signatures() == signed

@@ -17,7 +17,6 @@ from proxy.pkcs11.token import Token
 from proxy.pkcs11.uri import parse_key_uri
 from tests.support import (
     HSM,
-    TOKEN_PIN,
     RecordingUpstream,
     client_context,
     https_request,
@@ -318,17 +317,43 @@ def test_pin_from_the_environment_is_read_again_on_sighup(
     hsm: HSM,
     ca: trustme.CA,
     upstream: RecordingUpstream,
+    rotating_token: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("HSM_PROXY_TEST_PIN", TOKEN_PIN)
+    """A running process's environment cannot change, so what SIGHUP must show is that it
+    reads the PIN variable again (the token's PIN changed under it: the reload is refused
+    and the old login keeps serving) and reads the variable the re-read config now names."""
+    label, old_pin = rotating_token
+    new_pin = f"pin-{secrets.token_hex(6)}"
+    monkeypatch.setenv("HSM_PROXY_TEST_PIN", old_pin)
+    monkeypatch.setenv("HSM_PROXY_TEST_PIN_NEXT", new_pin)
+    uri = f"pkcs11:token={label};object=web;id=%01;type=private"
+    with Token(hsm.module, parse_key_uri(uri), old_pin, pool_size=1) as token:
+        public = token.find_private_key(parse_key_uri(uri)).info.public_key_der
+    assert public is not None
     chain = tmp_path / "chain.pem"
-    chain.write_bytes(issue_chain(ca, hsm.public_keys["ec256"]))
-    config = _config(tmp_path, hsm, upstream, chain, module_pin='pin_env = "HSM_PROXY_TEST_PIN"')
+    chain.write_bytes(issue_chain(ca, public))
+
+    def config(variable: str) -> Path:
+        pin = f'pin_env = "{variable}"'
+        return _config(tmp_path, hsm, upstream, chain, token_uri=uri, module_pin=pin)
+
     pid_file = tmp_path / "proxy.pid"
-    proxy = launch(tmp_path, config, "--pid-file", str(pid_file))
+    proxy = launch(tmp_path, config("HSM_PROXY_TEST_PIN"), "--pid-file", str(pid_file))
+    context = client_context(ca)
+    change_pin(hsm.module, label, old_pin, new_pin)  # the variable's value is now wrong
     result = run_cli("reload", "--pid-file", str(pid_file))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "reload failed: PIN variable $HSM_PROXY_TEST_PIN: login failed" in result.stderr
+    failed = proxy.wait_for_log(lambda entry: entry.get("event") == "reload_failed")
+    assert "variable $HSM_PROXY_TEST_PIN" in str(failed["message"])
+    assert "PIN is incorrect" in str(failed["message"])
+    assert https_request(proxy.port, context).status == 200  # the old generation serves
+    config("HSM_PROXY_TEST_PIN_NEXT")
+    assert run_cli("reload", "--pid-file", str(pid_file)).returncode == 0
     line = proxy.wait_for_log(lambda entry: entry.get("event") == "reloaded")
     assert line["reason"] == "SIGHUP"
-    assert https_request(proxy.port, client_context(ca)).status == 200
-    assert TOKEN_PIN not in proxy.log_path.read_text()
+    assert https_request(proxy.port, context).status == 200
+    text = proxy.log_path.read_text()
+    assert old_pin not in text
+    assert new_pin not in text

@@ -69,10 +69,17 @@ def accepted(scan: dict[str, Any], command: str) -> list[dict[str, Any]]:
     return suites
 
 
+# An RSA key can serve the RSA-authenticated suites (and the static-RSA key exchange the
+# policy refuses); an EC key cannot serve them whatever the policy says: scan both.
+@pytest.mark.parametrize("key", ["ec256", "rsa2048"])
 def test_sslyze_finds_only_tls12_and_tls13_with_forward_secret_aead_suites(
-    tmp_path: Path, proxy_factory: ProxyFactory, ca: trustme.CA, upstream: RecordingUpstream
+    key: str,
+    tmp_path: Path,
+    proxy_factory: ProxyFactory,
+    ca: trustme.CA,
+    upstream: RecordingUpstream,
 ) -> None:
-    proxy = proxy_factory("ec256")
+    proxy = proxy_factory(key)
     ca_file = tmp_path / "ca.pem"
     ca_file.write_bytes(ca.cert_pem.bytes())
     scan = sslyze(proxy.port, ca_file, tmp_path / "scan.json", *SCANS)
@@ -88,6 +95,8 @@ def test_sslyze_finds_only_tls12_and_tls13_with_forward_secret_aead_suites(
     for suite in tls12:
         name = suite["cipher_suite"]["name"]
         assert name.startswith("TLS_ECDHE_"), f"{name}: not forward secret"
+        signed_by = "_ECDSA_" if key.startswith("ec") else "_RSA_"
+        assert signed_by in name, f"{name}: not what a {key} key signs"
         assert name.endswith(("_GCM_SHA256", "_GCM_SHA384", "_CHACHA20_POLY1305_SHA256")), name
         assert suite["ephemeral_key"] is not None, name
     for suite in tls13:

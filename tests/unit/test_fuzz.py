@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import h11
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from proxy.config import HTTPConfig, ProxyConfig, load_config, parse_config
@@ -339,6 +339,9 @@ def toml_like() -> st.SearchStrategy[Any]:
     )
 
 
+REQUIRED_KEYS = frozenset({"upstream", "listen", "token", "tls"})
+
+
 def plausible_config() -> st.SearchStrategy[dict[str, Any]]:
     section = st.dictionaries(st.sampled_from(KNOWN_KEYS), toml_like(), max_size=8)
     return st.fixed_dictionaries(
@@ -350,12 +353,23 @@ def plausible_config() -> st.SearchStrategy[dict[str, Any]]:
 @FUZZ
 @given(st.one_of(plausible_config(), st.dictionaries(st.text(max_size=10), toml_like())))
 def test_config_loader_returns_a_config_or_a_config_error(data: dict[str, Any]) -> None:
-    outcome: object
+    message = ""
     try:
-        outcome = parse_config(data, base=Path("/etc/hsm-proxy"), source="fuzz")
+        config = parse_config(data, base=Path("/etc/hsm-proxy"), source="fuzz")
     except ConfigError as error:
-        outcome = error
-    assert isinstance(outcome, ProxyConfig) or str(outcome)
+        message = str(error)
+    if message:
+        # A clear, specific error: "KEY.PATH: what is wrong", the key one the data has or
+        # one it lacks, never a bare message or an exception of another kind.
+        where, separator, problem = message.partition(": ")
+        assert separator, message
+        assert problem.strip(), message
+        section = where.split(".")[0].split("[")[0]
+        assert section in data or section in REQUIRED_KEYS, message
+        event(f"refused at {section}")
+        return
+    assert isinstance(config, ProxyConfig)
+    event("accepted")
 
 
 @FUZZ
