@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -50,8 +50,32 @@ if TYPE_CHECKING:
     from proxy.generation.reload import Reloader, ReloadResult
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, minus the echo of values in its errors: a PIN typed where it has no place
+    (``--pin=1234``, ``--pin-value 1234``) must not come back on stderr."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(_without_values(message))
+
+
+def _without_values(message: str) -> str:
+    prefix, found, arguments = message.partition("unrecognized arguments: ")
+    if found:
+        words = arguments.split()
+        options = [word.split("=", 1)[0] for word in words if word.startswith("-")]
+        hidden = sum(1 for word in words if not word.startswith("-") or "=" in word)
+        shown = " ".join(options)
+        if hidden:
+            shown += f"{' and ' if options else ''}{hidden} value(s), not shown"
+        return prefix + found + shown
+    if message.startswith("ambiguous option: "):
+        option, _, rest = message[len("ambiguous option: ") :].partition(" could match ")
+        return f"ambiguous option: {option.split('=', 1)[0]} could match {rest}"
+    return message
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="hsm-proxy",
         description="TLS-terminating reverse proxy whose private keys never leave a PKCS#11 token.",
     )

@@ -187,3 +187,30 @@ def test_a_san_given_twice_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_sans(["IP:192.0.2.1", "DNS:web.example.com", "IP:192.0.2.1"])
     assert "--san 'IP:192.0.2.1' is given twice" in str(caught.value)
+
+
+# -- the command line never echoes a PIN typed on it ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["key", "generate", "--module", "m", "--token", "t", "--label", "l", "--ec", "P-256",
+          "--pin=pin-4821"], "ambiguous option: --pin could match --pin-file, --pin-env"),
+        (["csr", "--module", "m", "--key", "k", "--subject", "CN=x", "--pin-value", "pin-4821"],
+         "unrecognized arguments: --pin-value and 1 value(s), not shown"),
+        (["doctor", "--module", "m", "--pin=pin-4821"], "ambiguous option: --pin could match"),
+        (["check", "--config", "c", "pin-4821"], "unrecognized arguments: 1 value(s), not shown"),
+    ],
+)  # fmt: skip
+def test_a_pin_typed_on_the_command_line_is_not_echoed(
+    argv: list[str], shown: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.commands.cli import _parser
+
+    with pytest.raises(SystemExit) as exited:
+        _parser().parse_args(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert shown in err
+    assert "pin-4821" not in err
