@@ -236,7 +236,7 @@ for _ in $(seq 240); do
 done
 if [ "$health" != healthy ]; then
   docker inspect -f '{{json .State.Health}}' "$proxy_container"
-  compose -p "$compose_project" -f "$compose_file" logs --tail 20
+  compose -p "$compose_project" -f "$compose_file" logs --no-color --tail 20
   fail "the compose proxy's health check says '$health' (details above)"
 fi
 compose -p "$compose_project" -f "$compose_file" exec -T proxy \
