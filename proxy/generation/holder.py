@@ -9,10 +9,14 @@ sessions are open before the old ones close, so the process never drops its toke
 and a PIN rotation fails no request.
 
 The holder knows nothing of reloads: the reloader (reload.py) swaps into it, and whoever
-needs the reloader (the command line, the admin endpoint) is given it.
+needs the reloader (the command line, the admin endpoint) is given it. What must follow the
+generation being served (the server's signing limiter, sized to the token's session pool)
+registers with :meth:`GenerationHolder.on_swap`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from proxy.generation.model import Generation
 
@@ -24,6 +28,11 @@ class GenerationHolder:
         self.current = generation
         self._users: dict[int, int] = {}
         self._retiring: dict[int, Generation] = {}
+        self._swap_hooks: list[Callable[[Generation], None]] = []
+
+    def on_swap(self, hook: Callable[[Generation], None]) -> None:
+        """Call ``hook(new)`` whenever a new generation is served."""
+        self._swap_hooks.append(hook)
 
     def acquire(self) -> Generation:
         """The current generation, held until :meth:`release` (a connection's handshake)."""
@@ -44,6 +53,8 @@ class GenerationHolder:
         """Serve ``generation`` from now on; close the old one once nobody holds it."""
         old = self.current
         self.current = generation
+        for hook in self._swap_hooks:
+            hook(generation)
         if self._users.get(old.number):
             self._retiring[old.number] = old
         else:

@@ -34,6 +34,7 @@ import trio
 from proxy.config import Address
 from proxy.errors import TLSError
 from proxy.generation.holder import GenerationHolder
+from proxy.generation.model import Generation
 from proxy.http.admin import handle_admin
 from proxy.http.exchange import HTTP1Handler
 from proxy.http2.handler import HTTP2Handler
@@ -189,6 +190,13 @@ async def serve(
     )
     operations.serving(holder.current.number, holder.current.chains())
     operations.metrics.track_queue(lambda: state.sign_limiter.statistics().tasks_waiting)
+
+    def resize_sign_limiter(generation: Generation) -> None:
+        # Handshake steps that sign at once: as many as the served token has sessions. The
+        # old generation's handshakes in flight finish under the new size.
+        state.sign_limiter.total_tokens = generation.token.pool_size
+
+    holder.on_swap(resize_sign_limiter)
     operations.readiness.add_check(lambda: token_state(state.holder.current.token))
     http = holder.current.config.http
     shared = worker_sockets()

@@ -70,6 +70,7 @@ def _ignore_event(_event: SignatureEvent) -> None:
 class _PooledSession:
     session: Any
     epoch: int = 0
+    module_epoch: int = 0  # module initialisations before it was opened (see _give_back)
     keys: dict[tuple[str, bytes], Any] = field(default_factory=dict)
 
 
@@ -202,6 +203,7 @@ class Token:
         self._borrowed: set[int] = set()  # id() of sessions threads hold now
         self._retired: list[_PooledSession] = []
         self._epoch = 0
+        self._module_epoch = 0  # re-initialisations of the module: older handles are void
         self._down_reason: str | None = None
         self._recovering = False
         self._stop = threading.Event()
@@ -229,7 +231,7 @@ class Token:
         opened: list[_PooledSession] = []
         try:
             while len(opened) < self._size:
-                opened.append(_PooledSession(self._token.open(), epoch=self._epoch))
+                opened.append(_PooledSession(self._token.open(), self._epoch, self._module_epoch))
         except BaseException:
             _close_sessions(opened)
             raise
@@ -272,13 +274,30 @@ class Token:
                 self._condition.wait(remaining)
 
     def _give_back(self, pooled: _PooledSession, broken: bool = False) -> None:
+        """Return a borrowed session: to the pool, or closed at once when it will not be
+        used again (broken, from a pool since rebuilt, or the token closed), so that no
+        session handle outlives its use: a token has few (CloudHSM: a fixed number per
+        client), and a lost session, login or a reload must not eat them. While a rebuild
+        runs (it may re-initialise the module, after which an old handle number can belong
+        to a new session) it is left to the rebuild instead; one opened before the module
+        was re-initialised is only dropped."""
         with self._condition:
             self._borrowed.discard(id(pooled))
-            if broken or pooled.epoch != self._epoch or self._closed:
-                self._retired.append(pooled)
-            else:
+            retire = broken or pooled.epoch != self._epoch or self._closed
+            if not retire:
                 self._idle.append(pooled)
             self._condition.notify_all()
+        if not retire:
+            return
+        if not self._recovery_lock.acquire(blocking=False):
+            with self._condition:
+                self._retired.append(pooled)  # the rebuild under way closes or drops it
+            return
+        try:
+            if pooled.module_epoch == self._module_epoch:
+                _close_sessions([pooled])
+        finally:
+            self._recovery_lock.release()
 
     @contextmanager
     def _session(self) -> Iterator[_PooledSession]:
@@ -295,7 +314,8 @@ class Token:
     # -- recovery ------------------------------------------------------------------------
 
     def _rebuild(self, reinitialize: bool) -> None:
-        """Retire every session, then open a fresh, logged-in pool (a new epoch)."""
+        """Retire every session, then open a fresh, logged-in pool (a new epoch). Called
+        with ``_recovery_lock`` held."""
         if self._pin_provider is None:
             raise TokenError(f"token {self.label!r} cannot log in again: no PIN source")
         with self._condition:
@@ -309,6 +329,7 @@ class Token:
                 self._condition.wait(deadline - time.monotonic())
             retired, self._retired = self._retired, []
         if reinitialize:
+            self._module_epoch += 1  # handles opened before are void from here on
             finalize(self.module_path)  # every session of the process ends here
             try:
                 initialize_threaded(self.module_path)

@@ -4,15 +4,30 @@ early upstream answers, upstream connections after an aborted request."""
 
 from __future__ import annotations
 
+import os
+import signal
 import ssl
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import trustme
 from websockets.exceptions import ConnectionClosed
 
+from tests.faulthsm import FaultControl, read_stats
 from tests.integration.test_hardening import handshake_refused
-from tests.support import RecordingUpstream, StartProxy, client_context
+from tests.integration.test_token_resilience import _handshake_all as handshake_all
+from tests.support import (
+    HSM,
+    REPO,
+    TOKEN_PIN,
+    RecordingUpstream,
+    StartOnFaulthsm,
+    StartProxy,
+    client_context,
+)
 from tests.support.http import exchange_raw, status_of, tls_connect
 from tests.support.operating import admin_section, admin_url, scrape, value, wait_until
 
@@ -103,3 +118,44 @@ def test_a_client_over_its_handshake_rate_is_refused_and_others_are_not(
     assert value(samples, "hsm_proxy_connections_refused_total", reason="handshake_limit") == 0
     line = proxy.wait_for_log(lambda entry: entry.get("event") == "handshake_limit")
     assert "handshake_rate" in line["message"]
+
+
+def test_sessions_held_across_a_pool_rebuild_are_closed_when_they_come_back(
+    hsm: HSM, faulthsm: Path, tmp_path: Path
+) -> None:
+    """A lost session or login rebuilds the token's pool while handshakes still hold
+    sessions of the old one: those must be closed when they come back, not kept until the
+    process ends (a token has few sessions)."""
+    env = {
+        **os.environ,
+        "FAULTHSM_MODULE": hsm.module,
+        "FAULTHSM_CONTROL": str(tmp_path / "control"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.support.session_count", str(faulthsm), str(hsm.uri("ec256"))],
+        input=TOKEN_PIN,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    # Three rebuilds, and none of the three sessions held across them left open.
+    assert result.stdout.split() == ["0", "3"], result.stderr
+
+
+def test_a_reload_that_changes_the_session_pool_resizes_the_signing_limiter(
+    on_faulthsm: StartOnFaulthsm, fault: FaultControl, ca: trustme.CA, tmp_path: Path
+) -> None:
+    proxy = on_faulthsm(sessions=1, settings={"delay_ms": 50})
+    stats = fault.path.with_name("faulthsm.stats")
+    assert handshake_all(proxy.port, client_context(ca), 6) == [200] * 6
+    assert read_stats(stats)["max_in_flight"] == 1  # one session: one signature at a time
+    config = tmp_path / "proxy.toml"
+    config.write_text(config.read_text().replace("sessions = 1\n", "sessions = 4\n"))
+    proxy.process.send_signal(signal.SIGHUP)
+    proxy.wait_for_log(lambda entry: entry.get("event") == "reloaded", timeout=30)
+    assert handshake_all(proxy.port, client_context(ca), 12) == [200] * 12
+    assert read_stats(stats)["max_in_flight"] >= 2  # the new pool's four sessions in use
