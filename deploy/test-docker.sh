@@ -56,6 +56,11 @@ fi
 if ! engine_answers; then
   [ "$(id -u)" = 0 ] || skip "no Docker engine answers (docker info fails), and starting one needs root"
   command -v dockerd >/dev/null || skip "no Docker engine answers and dockerd is not installed (deploy/setup.sh --test installs Debian's docker.io)"
+  # In a chroot (deploy/test-in-debian-chroot.sh) a second engine would share the host's
+  # kernel networking (docker0, iptables) with the host's own.
+  if command -v ischroot >/dev/null && ischroot; then
+    skip "no Docker engine answers, and this is a chroot: not starting a second one beside the host's"
+  fi
   say "starting dockerd for this run (log: $work/dockerd.log)"
   dockerd >"$work/dockerd.log" 2>&1 &
   started_engine=$!
