@@ -187,7 +187,9 @@ def _kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProces
 
 
 @pytest.mark.parametrize("version", ["1.25.0", "1.37.0"])
-@pytest.mark.parametrize("manifest", sorted((DEPLOY / "kubernetes").glob("*.yaml")), ids=str)
+@pytest.mark.parametrize(
+    "manifest", sorted((DEPLOY / "kubernetes").glob("*.yaml")), ids=lambda path: path.name
+)
 def test_kubernetes_manifests_match_the_api_schemas(
     tmp_path: Path, manifest: Path, version: str
 ) -> None:
