@@ -22,6 +22,12 @@ handshake, later ones within it of their first byte (408); a kept-alive connecti
 at most ``http.idle_timeout`` (closed silently); a request body that stalls for
 ``http.body_timeout`` gets 408; the upstream's connect and read timeouts are upstream.py's.
 
+Full duplex: while a request body streams up, the upstream's answer is watched for; one
+that comes before the whole body (a 413 or 401 from the head alone) is relayed at once with
+``Connection: close``, the rest of the body is not forwarded, the upstream connection
+(which carried part of a request) is closed, and the client connection ends with a
+lingering close, which reads and discards what the client still sends, for a bounded time.
+
 Failure handling: a malformed or ambiguous request gets its status (400, 408, 413, 414,
 431, 501) and the connection closes with :attr:`CloseMode.LINGER`, so that the client reads
 the answer instead of a reset; an unreachable upstream gets 502, a slow one 504; an
@@ -247,7 +253,8 @@ async def _send_request(
                 await upstream.send_data(b"".join(pending))
                 pending = []
             if client.they_are_waiting_for_100_continue:
-                await exchange.send(h11.InformationalResponse(status_code=100, headers=[]))
+                with trio.CancelScope(shield=True):  # an early answer must not cut it short
+                    await exchange.send(h11.InformationalResponse(status_code=100, headers=[]))
             await exchange.receive_body_data()
             continue
         if isinstance(event, h11.Data):
@@ -264,6 +271,67 @@ async def _send_request(
         if isinstance(event, h11.EndOfMessage):
             await upstream.send_data(b"".join(pending))
             return
+
+
+async def _send_and_answer(
+    exchange: _Exchange,
+    upstream: UpstreamConnection,
+    outgoing: h11.Request,
+    replay: list[h11.Event],
+    streams_body: bool,
+) -> h11.Event:
+    """Send the request and return the upstream's first answer (after any 1xx but 101).
+
+    Full duplex while a request body streams up (``streams_body``): the upstream may answer
+    before it has the whole body (a 413 or 401 from the head alone), and may stop reading
+    then. So its answer is watched for while the body is sent; when one comes first, the
+    sending stops, and ``upstream.h11.our_state`` is not DONE (the caller closes both
+    connections after relaying it). Until the body has gone the upstream may be quiet for
+    as long as the client takes to send it: the read timeout starts afterwards (the send
+    timeout, and the client's body timeout, bound the sending meanwhile)."""
+    if not streams_body:
+        await _send_request(exchange, upstream, outgoing, replay)
+        return await upstream.next_event()
+    answer: h11.Event | None = None
+    sending_failed: Exception | None = None
+    watching_failed: UpstreamFailure | None = None
+    stream = upstream.stream
+    read_timeout, stream.receive_timeout = stream.receive_timeout, None
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal answer, watching_failed
+                try:
+                    while True:
+                        event = await upstream.next_event()
+                        if not isinstance(event, h11.InformationalResponse) or (
+                            event.status_code == 101
+                        ):
+                            answer = event
+                            break
+                        # a 100 Continue nobody asked for (the proxy sent no Expect): go on
+                except UpstreamFailure as failure:
+                    watching_failed = failure
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                await _send_request(exchange, upstream, outgoing, replay)
+            except Exception as failure:  # not trio.Cancelled: that is the watcher's answer
+                sending_failed = failure
+            nursery.cancel_scope.cancel()
+    finally:
+        stream.receive_timeout = read_timeout
+    if sending_failed is not None and not isinstance(sending_failed, UpstreamFailure):
+        raise sending_failed  # the client's side failed (ClientGone, 408, 413, bad framing)
+    if answer is not None:
+        return answer
+    if sending_failed is not None:
+        raise sending_failed
+    if watching_failed is not None:
+        raise watching_failed
+    return await upstream.next_event()  # the whole request went before any answer
 
 
 async def _tunnel(exchange: _Exchange, upstream: UpstreamConnection) -> None:
@@ -352,6 +420,11 @@ async def _forward(
     # Resending is safe when nothing reached the upstream, or when a bodiless idempotent
     # request on a reused connection got no byte of answer (the backend closed it idle).
     may_resend = request.method in IDEMPOTENT_METHODS and not has_body and not upgrade
+    # A body not all here yet streams up while the upstream may already answer.
+    streams_body = has_body and not (
+        head.content_length is not None
+        and len(exchange.h11.trailing_data[0]) >= head.content_length
+    )
     upstream: UpstreamConnection | None = None
     where = exchange.upstream_name = pool.group.name
     try:
@@ -360,8 +433,13 @@ async def _forward(
         replay: list[h11.Event] = []
         while True:
             try:
-                await _send_request(exchange, upstream, outgoing, replay)
-                event = await upstream.next_event()
+                event = await _send_and_answer(exchange, upstream, outgoing, replay, streams_body)
+                if upstream.h11.our_state is not h11.DONE:
+                    # An answer before the whole body (full duplex): relayed, and then the
+                    # client connection closes (a lingering close reads and discards what
+                    # it still sends, for a bounded time); the upstream connection carried
+                    # part of a request and is closed, never reused.
+                    exchange.linger = True
                 break
             except UpstreamFailure as failure:
                 fresh_is_safe = (failure.sent_nothing and not upstream.bytes_sent) or (
@@ -393,7 +471,8 @@ async def _forward(
             )
         status = exchange.response_status = event.status_code
         exchange.upstream_name = where
-        pending = [exchange.h11.send(client_response(event, closing=draining())) or b""]
+        closing = draining() or exchange.linger
+        pending = [exchange.h11.send(client_response(event, closing=closing)) or b""]
         while True:
             piece = upstream.next_event_nowait()
             if piece is h11.NEED_DATA:

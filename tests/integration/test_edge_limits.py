@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,15 @@ from tests.support import (
     StartProxy,
     client_context,
 )
-from tests.support.http import exchange_raw, status_of, tls_connect
+from tests.support.http import (
+    ScriptedUpstream,
+    exchange_raw,
+    read_all,
+    read_body,
+    respond,
+    status_of,
+    tls_connect,
+)
 from tests.support.operating import admin_section, admin_url, scrape, value, wait_until
 
 
@@ -159,3 +169,47 @@ def test_a_reload_that_changes_the_session_pool_resizes_the_signing_limiter(
     proxy.wait_for_log(lambda entry: entry.get("event") == "reloaded", timeout=30)
     assert handshake_all(proxy.port, client_context(ca), 12) == [200] * 12
     assert read_stats(stats)["max_in_flight"] >= 2  # the new pool's four sessions in use
+
+
+def test_an_early_answer_reaches_the_client_while_it_still_sends_its_body(
+    start_proxy: StartProxy, scripted: Callable[..., ScriptedUpstream], ca: trustme.CA
+) -> None:
+    """Full duplex: the upstream answers 413 from the head alone, keeps its connection open
+    and stops reading. The client, with most of its body still to send, gets that answer at
+    once (not after the read timeout), the upstream connection that carried part of the
+    request is closed and never reused, and the next request goes on a new one."""
+    upstream_saw_eof = threading.Event()
+
+    def handler(sock: socket.socket, server: ScriptedUpstream) -> None:
+        buffer = bytearray()
+        head = server.read_head(sock, buffer)
+        if head is None:
+            return
+        if b"/upload" not in head:
+            read_body(sock, head, buffer)
+            respond(sock, body=b"fresh connection")
+            return
+        respond(sock, 413, b"upstream says: too large")  # keep-alive, and read no more
+        while True:
+            try:
+                if not sock.recv(65536):
+                    break
+            except OSError:
+                break
+        upstream_saw_eof.set()
+
+    backend = scripted(handler)
+    proxy = start_proxy(backend.url, http="read_timeout = 300\nbody_timeout = 300")
+    with tls_connect(proxy.port, ca) as tls:
+        tls.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 67108864\r\n\r\n")
+        tls.sendall(b"x" * (1 << 20))  # a first MiB of 64, and the client waits to hear
+        data = read_all(tls)
+    assert status_of(data) == 413
+    assert data.endswith(b"upstream says: too large")
+    assert b"connection: close" in data.lower()
+    assert upstream_saw_eof.wait(10)  # the half-sent upstream connection was closed
+    after = exchange_raw(
+        proxy.port, ca, b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert after.endswith(b"fresh connection")
+    assert backend.connections == 2
