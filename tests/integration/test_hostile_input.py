@@ -235,3 +235,29 @@ def wait_for(predicate: Callable[[], bool]) -> None:
     from tests.support.http import wait_until
 
     wait_until(predicate)
+
+
+@pytest.mark.parametrize("ending", ["client leaves", "body stalls"])
+def test_an_upstream_connection_that_carried_part_of_an_aborted_request_is_not_reused(
+    start_proxy: StartProxy, strict: Callable[..., StrictUpstream], ca: trustme.CA, ending: str
+) -> None:
+    backend = strict()
+    timeouts = PATIENT if ending == "client leaves" else "body_timeout = 1"
+    proxy = start_proxy(backend.url, http=timeouts)
+    tls = tls_connect(proxy.port, ca)
+    tls.sendall(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nabc")
+    wait_for(lambda: backend.connections == 1)
+    if ending == "client leaves":
+        tls.close()
+    else:
+        assert status_of(read_all(tls)) == 408
+        tls.close()
+    backend.wait_ended(1)  # closed by the proxy, with the head and 3 bytes on it
+    assert backend.arrived == []
+    assert backend.leftovers[0][1].endswith(b"\r\n\r\nabc")
+    after = exchange_raw(
+        proxy.port, ca, b"GET /next HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(after) == 200
+    assert backend.connections == 2
+    assert [request.target for request in backend.arrived] == [b"/next"]
