@@ -142,6 +142,8 @@ class _Exchange:
         self.upstream_name = "-"
         # Where requests no route matches go: the group of the server name's site.
         self.default_upstream = DEFAULT_UPSTREAM
+        # The answer to a HEAD request has no body, an error's included (h11 enforces it).
+        self.answering_head = False
         # The chunk sizes of the request body being read, when it is chunked (rules.py).
         self.chunks: ChunkSizes | None = None
 
@@ -220,7 +222,8 @@ class _Exchange:
             self.abort = True  # a response is already under way: the connection just ends
             return
         response, body = error_response(status)
-        await self.send(response, h11.Data(data=body), h11.EndOfMessage())
+        content = [] if self.answering_head else [h11.Data(data=body)]
+        await self.send(response, *content, h11.EndOfMessage())
 
 
 async def _send_request(
@@ -412,9 +415,14 @@ async def _forward(
         routing.routes, request, server_name, head, exchange.default_upstream, target
     )
     pool = routing.pools[chosen]
-    outgoing = upstream_request(
-        request, exchange.client, pool.group.servers[0].authority, head, target
-    )
+    try:
+        outgoing = upstream_request(
+            request, exchange.client, pool.group.servers[0].authority, head, target
+        )
+    except h11.LocalProtocolError:
+        # A Host the proxy cannot repeat in the headers it adds (a control character, which
+        # h11 lets through in a field value): the request is malformed, not a proxy failure.
+        raise _Reject(400) from None
     upgrade = head.upgrade
     has_body = head.has_body
     # Resending is safe when nothing reached the upstream, or when a bodiless idempotent
@@ -549,6 +557,7 @@ async def _serve_http(exchange: _Exchange, routing: Routing, state: ServerState)
     first = True
     while True:
         started = time.perf_counter()
+        exchange.answering_head = False
         try:
             request = await exchange.read_request(state, first)
         except (_Reject, h11.RemoteProtocolError) as refused:
@@ -561,6 +570,7 @@ async def _serve_http(exchange: _Exchange, routing: Routing, state: ServerState)
         if request is None:
             return
         first = False
+        exchange.answering_head = request.method == b"HEAD"
         if log.isEnabledFor(logging.DEBUG):
             headers = redact_headers(request.headers.raw_items())
             log.debug("request headers", extra={"fields": {"headers": headers}})
