@@ -35,7 +35,7 @@ import pkcs11.exceptions as p11err
 from pkcs11 import Attribute
 
 from proxy.errors import LoginError, ProxyError
-from proxy.pkcs11.module import select_token
+from proxy.pkcs11.module import close_session_only, select_token
 from proxy.pkcs11.uri import KeyURI, parse_key_uri
 
 LOGIN_FAILURES = (
@@ -115,13 +115,20 @@ def release_login(key: tuple[str, int]) -> None:
 
 
 def ensure_login(
-    token: Any, module_path: str, pin: Callable[[], str], probe: dict[Attribute, Any]
+    token: Any,
+    module_path: str,
+    pin: Callable[[], str],
+    probe: dict[Attribute, Any],
+    reinitialized: bool = False,
 ) -> None:
     """Recovery: log the process in again if it lost its login (a new login session).
 
     Whether it is still logged in is seen from a plain session: private objects (the
     ``probe`` template) are visible only to a logged-in process. The old login session is
-    dropped, not closed: it is dead, and if it were not, closing it would log out again.
+    then closed without a C_Logout (that would log the new login out again), so a lost
+    login does not leave its session open; after the module was re-initialised
+    (``reinitialized``) it is only dropped: C_Finalize ended it, and its handle number may
+    belong to a new session by now.
     """
     key = (module_path, int(token.slot.slot_id))
     with _logins_lock:
@@ -139,8 +146,10 @@ def ensure_login(
         login = _logins.get(key)
         if login is None:
             _logins[key] = _Login(session, 1)
-        else:
-            login.session = session
+            return
+        old, login.session = login.session, session
+        if not reinitialized and old.handle != session.handle:
+            close_session_only(module_path, old.handle)
 
 
 _PROBE_TIMEOUT = 30.0

@@ -4,7 +4,8 @@ Theory of operation. :func:`load_module` loads a module by path once per process
 initialises it with CKF_OS_LOCKING_OK: python-pkcs11 passes NULL to C_Initialize, which
 promises single-threaded use and lets SoftHSM2 drop its locks, while the session pool
 signs from many threads. The few calls python-pkcs11 does not offer (C_Initialize with
-arguments, C_Finalize, the session counts of CK_TOKEN_INFO) go through ctypes and the
+arguments, C_Finalize, the session counts of CK_TOKEN_INFO, C_CloseSession without
+C_Logout) go through ctypes and the
 module's function list, on the handle python-pkcs11 opened, so they share its state.
 :func:`select_token` picks the one initialised token that a key URI's token attributes
 (slot, label, serial, manufacturer, model) name; its errors list the tokens present.
@@ -31,7 +32,8 @@ _module_lock = threading.Lock()
 
 
 class _FunctionListHead(ctypes.Structure):
-    # The start of CK_FUNCTION_LIST: the version, then the first seven functions.
+    # The start of CK_FUNCTION_LIST: the version, then the functions in the standard's order,
+    # up to C_CloseSession.
     _fields_ = [
         ("major", ctypes.c_ubyte),
         ("minor", ctypes.c_ubyte),
@@ -42,6 +44,13 @@ class _FunctionListHead(ctypes.Structure):
         ("C_GetSlotList", ctypes.c_void_p),
         ("C_GetSlotInfo", ctypes.c_void_p),
         ("C_GetTokenInfo", ctypes.c_void_p),
+        ("C_GetMechanismList", ctypes.c_void_p),
+        ("C_GetMechanismInfo", ctypes.c_void_p),
+        ("C_InitToken", ctypes.c_void_p),
+        ("C_InitPIN", ctypes.c_void_p),
+        ("C_SetPIN", ctypes.c_void_p),
+        ("C_OpenSession", ctypes.c_void_p),
+        ("C_CloseSession", ctypes.c_void_p),
     ]
 
 
@@ -128,6 +137,16 @@ def initialize_threaded(path: str) -> None:
     result = initialize(ctypes.addressof(arguments))
     if result not in (0, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
         raise ModuleLoadError(f"C_Initialize of {path} failed with CKR 0x{result:08x}")
+
+
+def close_session_only(path: str, handle: int) -> None:
+    """C_CloseSession on a session handle, without the C_Logout python-pkcs11's close()
+    makes first for a session that logged in (which would log the whole process out while
+    other sessions still use the login). Errors are ignored: a dead session is closed."""
+    c_close = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong)(
+        _function_list_head(path).C_CloseSession
+    )
+    c_close(handle)
 
 
 def finalize(path: str) -> None:

@@ -342,7 +342,7 @@ class Token:
         if self._keys:
             probe[Attribute.LABEL] = self._keys[0].info.label
             probe[Attribute.ID] = self._keys[0].info.id
-        ensure_login(self._token, self.module_path, self._pin_provider, probe)
+        ensure_login(self._token, self.module_path, self._pin_provider, probe, reinitialize)
         fresh = self._open_sessions()
         with self._condition:
             closed = self._closed

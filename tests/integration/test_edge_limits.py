@@ -130,12 +130,13 @@ def test_a_client_over_its_handshake_rate_is_refused_and_others_are_not(
     assert "handshake_rate" in line["message"]
 
 
-def test_sessions_held_across_a_pool_rebuild_are_closed_when_they_come_back(
+def test_no_session_is_left_open_after_lost_sessions_or_a_lost_login(
     hsm: HSM, faulthsm: Path, tmp_path: Path
 ) -> None:
     """A lost session or login rebuilds the token's pool while handshakes still hold
     sessions of the old one: those must be closed when they come back, not kept until the
-    process ends (a token has few sessions)."""
+    process ends (a token has few sessions); and a lost login's session is closed once the
+    process has logged in again."""
     env = {
         **os.environ,
         "FAULTHSM_MODULE": hsm.module,
@@ -152,8 +153,9 @@ def test_sessions_held_across_a_pool_rebuild_are_closed_when_they_come_back(
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    # Three rebuilds, and none of the three sessions held across them left open.
-    assert result.stdout.split() == ["0", "3"], result.stderr
+    # Three rebuilds, none of the three sessions held across them left open; four with
+    # the lost login, and the lost login's session closed.
+    assert result.stdout.split() == ["0", "4", "0"], result.stderr
 
 
 def test_a_reload_that_changes_the_session_pool_resizes_the_signing_limiter(
