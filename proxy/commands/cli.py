@@ -190,7 +190,7 @@ def _serve(
     from proxy.generation.build import build_generation
     from proxy.generation.holder import GenerationHolder
     from proxy.generation.reload import Reloader, ReloadResult
-    from proxy.generation.steps import judge_custody
+    from proxy.generation.steps import judge_custody, token_config
     from proxy.net.server import serve
     from proxy.ops.admin import Operations
 
@@ -212,8 +212,10 @@ def _serve(
         f"({'never extractable' if generation.key.info.never_extractable else 'EXTRACTABLE'}), "
         f"{generation.token.pool_size} sessions"
     )
-    for key in generation.token_keys():
-        warning = judge_custody(key, config.token.key_custody).warning
+    for token in generation.all_tokens()[1:]:
+        log.info(f"token {token.label!r} ({token.module_path}): {token.pool_size} sessions")
+    for site, key in enumerate(generation.token_keys()):
+        warning = judge_custody(key, token_config(config, site).key_custody).warning
         if warning is not None:
             log.warning(warning, extra={"fields": {"event": "key_custody"}})
     holder = GenerationHolder(generation)
@@ -285,7 +287,8 @@ def prove_token_after_drop(generation: Generation, user: str) -> None:
     from proxy.tls.certificates import check_key_matches
 
     try:
-        check_key_matches(generation.chain, generation.key)
+        for chain, key in zip(generation.chains(), generation.token_keys(), strict=True):
+            check_key_matches(chain, key)
     except ProxyError as exc:
         raise TokenError(
             f"after switching to user {user!r} the token can no longer sign ({exc}); give "

@@ -182,6 +182,49 @@ def _parse_security(table: Table) -> SecurityConfig:
     return SecurityConfig(allow_insecure, user, total, per_client, float(rate), burst)
 
 
+def _parse_token(table: Table, where: str, base: Path, security: SecurityConfig) -> TokenConfig:
+    """``[token]``, or a ``[[tls.sni]]`` entry's own ``[tls.sni.token]`` (same keys)."""
+    module = table.take("module", str)
+    pin = _secret(
+        table,
+        where,
+        "pin",
+        {
+            "pin_file": FileSource.from_locator,
+            "pin_env": EnvSource.from_locator,
+            "pin_aws_secret": AWSSecretSource.from_locator,
+        },
+        base,
+        "PIN",
+        plain_path=False,
+        insecure=security.allow_insecure_secret_files,
+    )
+    if pin is None:
+        raise ConfigError(
+            f"{where}: set pin, where the PIN is ({_FORMS}), or one of the older keys "
+            "pin_file (a file holding the PIN), pin_env (the name of an environment "
+            "variable holding it) or pin_aws_secret (an AWS Secrets Manager secret id); a "
+            "PIN value never goes in the config"
+        )
+    sessions = table.take("sessions", int, 4)
+    if not 1 <= sessions <= 256:
+        raise ConfigError(f"{where}.sessions: must be from 1 to 256, got {sessions}")
+    queue_limit = table.take("queue_limit", int, 256)
+    if not 0 <= queue_limit <= 100_000:
+        raise ConfigError(f"{where}.queue_limit: must be from 0 to 100000, got {queue_limit}")
+    key_custody = table.take("key_custody", str, "warn")
+    if key_custody not in ("warn", "refuse"):
+        raise ConfigError(f'{where}.key_custody: must be "warn" or "refuse", got {key_custody!r}')
+    table.finish()
+    return TokenConfig(
+        module=str(resolve_path(module, base)),
+        pin=pin,
+        sessions=sessions,
+        queue_limit=queue_limit,
+        key_custody=key_custody,
+    )
+
+
 def load_config(path: Path) -> ProxyConfig:
     try:
         text = path.read_bytes()
@@ -205,39 +248,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
     upstream = parse_upstream(root.take("upstream", str), "upstream")
     security = _parse_security(Table(root.take("security", dict, {}), "security."))
 
-    token_table = root.table("token")
-    module = token_table.take("module", str)
-    pin = _secret(
-        token_table,
-        "token",
-        "pin",
-        {
-            "pin_file": FileSource.from_locator,
-            "pin_env": EnvSource.from_locator,
-            "pin_aws_secret": AWSSecretSource.from_locator,
-        },
-        base,
-        "PIN",
-        plain_path=False,
-        insecure=security.allow_insecure_secret_files,
-    )
-    if pin is None:
-        raise ConfigError(
-            f"token: set pin, where the PIN is ({_FORMS}), or one of the older keys "
-            "pin_file (a file holding the PIN), pin_env (the name of an environment "
-            "variable holding it) or pin_aws_secret (an AWS Secrets Manager secret id); a "
-            "PIN value never goes in the config"
-        )
-    sessions = token_table.take("sessions", int, 4)
-    if not 1 <= sessions <= 256:
-        raise ConfigError(f"token.sessions: must be from 1 to 256, got {sessions}")
-    queue_limit = token_table.take("queue_limit", int, 256)
-    if not 0 <= queue_limit <= 100_000:
-        raise ConfigError(f"token.queue_limit: must be from 0 to 100000, got {queue_limit}")
-    key_custody = token_table.take("key_custody", str, "warn")
-    if key_custody not in ("warn", "refuse"):
-        raise ConfigError(f'token.key_custody: must be "warn" or "refuse", got {key_custody!r}')
-    token_table.finish()
+    token = _parse_token(root.table("token"), "token", base, security)
 
     tls_table = root.table("tls")
     certificate = _certificate(tls_table, "tls", base)
@@ -296,7 +307,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
     )
     tls_table.finish()
     sni = tuple(
-        _site(Table(item, f"tls.sni[{number}]."), base, f"tls.sni[{number}]", client_auth)
+        _site(Table(item, f"tls.sni[{number}]."), base, f"tls.sni[{number}]", client_auth, security)
         for number, item in enumerate(sni_tables, start=1)
     )
 
@@ -343,13 +354,7 @@ def parse_config(data: dict[str, Any], base: Path, source: str) -> ProxyConfig:
     return ProxyConfig(
         listen=listen,
         upstream=upstream,
-        token=TokenConfig(
-            module=str(resolve_path(module, base)),
-            pin=pin,
-            sessions=sessions,
-            queue_limit=queue_limit,
-            key_custody=key_custody,
-        ),
+        token=token,
         tls=TLSConfig(
             certificate=certificate,
             key=key,
@@ -399,10 +404,20 @@ def _key_uri(table: Table, where: str) -> KeyURI:
 
 
 def _site(
-    table: Table, base: Path, where: str, listener_auth: ClientAuthPolicy | None
+    table: Table,
+    base: Path,
+    where: str,
+    listener_auth: ClientAuthPolicy | None,
+    security: SecurityConfig,
 ) -> SiteConfig:
     certificate = _certificate(table, where, base)
     key = _key_uri(table, where)
+    own_token = table.take("token", dict, None)
+    token = (
+        None
+        if own_token is None
+        else _parse_token(Table(own_token, f"{where}.token."), f"{where}.token", base, security)
+    )
     names = tuple(list_of(table, "names", str, "server names"))
     upstream = table.take("upstream", str, DEFAULT_UPSTREAM)  # checked in parse_forwarding
     ocsp_response = _secret(
@@ -436,6 +451,7 @@ def _site(
         upstream=upstream,
         ocsp_response=ocsp_response,
         client_auth=client_auth,
+        token=token,
     )
 
 

@@ -69,6 +69,9 @@ class SiteConfig:
     # Client certificates for this name: the listener's [tls.client_auth] unless the entry
     # has its own table, or None (its ``client_auth = false``, or none at all).
     client_auth: ClientAuthPolicy | None = None
+    # A token of its own (``[tls.sni.token]``: module, PIN, sessions ...; the key URI
+    # selects the token in that module), or None: the key is in [token]'s token.
+    token: TokenConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ class ProxyConfig:
     def secrets(self) -> list[SecretRef]:
         """Every secret this configuration refers to (what the reloader watches)."""
         refs = [self.token.pin, self.tls.certificate_ref()]
+        refs += [site.token.pin for site in self.tls.sni if site.token is not None]
         refs += [site.certificate for site in self.tls.sni]
         refs += list(self.tls.session_ticket_keys)
         for policy in (self.tls.client_auth, *(site.client_auth for site in self.tls.sni)):

@@ -56,7 +56,7 @@ def run_steps(bench: Workbench, stop_at_first: bool) -> list[Row]:
             name = step.row_name(item)
             unmet = [
                 need
-                for need in step.needed(item)
+                for need in step.needed(item, bench.config)
                 if need in rows and rows[need].status not in (OK, WARN)
             ]
             if unmet:
@@ -157,4 +157,5 @@ def _assemble(bench: Workbench, number: int) -> Generation:
         default,
         sites,
         tuple(bench.ticket_keys()),
+        tuple(bench.tokens[site] for site in sorted(bench.tokens)),
     )

@@ -3,7 +3,8 @@
 Theory of operation (docs/ARCHITECTURE.md, decision 5). A :class:`Generation` is everything derived
 from secrets, complete and checked before anything serves it: the logged-in token, the
 default certificate's key, chain and SSL context, one :class:`Site` per ``[[tls.sni]]``
-certificate (chosen by SNI from the default context), and the session-ticket keys
+certificate (chosen by SNI from the default context; its key in ``[token]``'s token or in
+a token of its own), and the session-ticket keys
 installed in every context. It is immutable; a reload builds a new one and swaps it whole
 (holder.py), and :meth:`Generation.close` closes its token sessions once nothing uses it.
 
@@ -58,6 +59,9 @@ class Generation:
     ssl_context: SSL.Context  # the default context; SNI moves connections to sites'
     sites: tuple[Site, ...] = ()
     ticket_keys: tuple[TicketKey, ...] = field(default=(), repr=False)
+    # Every logged-in token: ``token`` ([token]) first, then those of [[tls.sni]] entries
+    # with a [tls.sni.token] of their own; each recovers on its own.
+    tokens: tuple[Token, ...] = ()
 
     def upstream_serving(self, context: SSL.Context | None) -> UpstreamGroup:
         """The upstream group of the connections whose handshake ``context`` served: its
@@ -73,8 +77,12 @@ class Generation:
     def token_keys(self) -> list[TokenKey]:
         return [self.key, *(site.key for site in self.sites)]
 
+    def all_tokens(self) -> tuple[Token, ...]:
+        return self.tokens or (self.token,)
+
     def close(self) -> None:
-        self.token.close()
+        for token in self.all_tokens():
+            token.close()
 
 
 def expiry_warnings(generation: Generation, days: int, now: datetime.datetime) -> list[str]:

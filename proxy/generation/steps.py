@@ -12,7 +12,9 @@ as tables below, the code that walks them in build.py).
    session-ticket key; once per site that has its own client-auth policy or OCSP staple;
    or not at all when the config does not ask for it (no client auth, no OCSP staple, no
    SNI). A step that does not run has no row.
-3. ``needs`` names the steps whose results a step uses (``{site}`` is the step's own site).
+3. ``needs`` names the steps whose results a step uses (``{site}`` is the step's own site,
+   ``{token}`` the site whose token it uses: its own with a ``[tls.sni.token]``, else the
+   ``[token]`` of site 0).
    A reload or ``run`` stops at the first failure, so everything needed is there; ``hsm-proxy
    check`` runs every step and skips one whose needed step did not succeed, with that
    step's :data:`MISSING` phrase as the reason. A need that has no row (its step does not
@@ -26,10 +28,14 @@ as tables below, the code that walks them in build.py).
    :func:`judge_custody` alone; the custody step, ``run``'s start-up warning and check's row
    all act on its verdict.
 
-The PIN is on the workbench only between the ``pin`` and ``token`` steps; the token step
-takes it off and logs in (in a child process when this process is logged in already, so
-a reload proves a new PIN: pkcs11/token.py). Steps run in a worker thread (a reload) or in
-the command line; nothing here runs an event loop.
+Tokens: ``[token]`` is site 0's; a ``[[tls.sni]]`` entry with a ``[tls.sni.token]`` table
+has its own ``{site}pin``, ``{site}token`` and ``{site}mechanisms`` steps, and its key,
+custody and signatures use that token (its own login, pool and recovery); the other
+entries' keys must be in ``[token]``'s token. A PIN is on the workbench only between its
+``pin`` and ``token`` steps; the token step takes it off and logs in (in a child process
+when this process is logged in already, so a reload proves a new PIN: pkcs11/token.py).
+Steps run in a worker thread (a reload) or in the command line; nothing here runs an event
+loop.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, cast
 
-from proxy.config import ProxyConfig
+from proxy.config import ProxyConfig, TokenConfig
 from proxy.errors import ConfigError, KeyCustodyError, LoginError, ProxyError, SecretError
 from proxy.generation.model import Generation, ProcessModel
 from proxy.pkcs11.keys import SignatureObserver
@@ -82,16 +88,18 @@ class Workbench:
     # Each distinct client-auth policy with its CA bundle read (by the config's policy).
     client_auth: dict[ClientAuthPolicy, ClientAuthPolicy] = field(default_factory=dict)
     ocsp: dict[int, bytes] = field(default_factory=dict)
-    pin: str | None = field(default=None, repr=False)
-    token: Token | None = None
+    pins: dict[int, str] = field(default_factory=dict, repr=False)
+    tokens: dict[int, Token] = field(default_factory=dict)  # by the site that configures it
     keys: dict[int, TokenKey] = field(default_factory=dict)
     names: dict[int, tuple[str, ...]] = field(default_factory=dict)
     contexts: dict[int, SSL.Context] = field(default_factory=dict)
 
-    def logged_in(self) -> Token:
-        if self.token is None:  # pragma: no cover - "needs" runs the token step first
+    def logged_in(self, site: int = 0) -> Token:
+        """The token that site ``site``'s key is in."""
+        token = self.tokens.get(token_site(self.config, site))
+        if token is None:  # pragma: no cover - "needs" runs the token step first
             raise RuntimeError("a step that needs the token ran without it")
-        return self.token
+        return token
 
     def ticket_keys(self) -> list[TicketKey]:
         """The configured keys (the first encrypts), else the workers' shared one; plus the
@@ -108,9 +116,9 @@ class Workbench:
         return keys
 
     def close(self) -> None:
-        self.pin = None
-        if self.token is not None:
-            self.token.close()
+        self.pins.clear()
+        for token in self.tokens.values():
+            token.close()
 
 
 StepFunction = Callable[[Workbench, int], str | Caution]
@@ -126,8 +134,16 @@ class Step:
     def row_name(self, item: int) -> str:
         return self.name.format(site=site_prefix(item), n=item)
 
-    def needed(self, item: int) -> list[str]:
-        return [need.format(site=site_prefix(item), n=item) for need in self.needs]
+    def needed(self, item: int, config: ProxyConfig) -> list[str]:
+        """The row names of the needs (``{token}``: only in steps whose items are sites)."""
+        return [
+            need.format(
+                site=site_prefix(item),
+                n=item,
+                token=site_prefix(token_site(config, item)) if "{token}" in need else "",
+            )
+            for need in self.needs
+        ]
 
 
 @dataclass(frozen=True)
@@ -141,6 +157,18 @@ class Blame:
 
 def site_prefix(site: int) -> str:
     return f"sni[{site}] " if site else ""
+
+
+def token_site(config: ProxyConfig, site: int) -> int:
+    """The site whose token config site ``site``'s key uses: itself when its
+    ``[[tls.sni]]`` entry has a ``[tls.sni.token]``, else 0 (``[token]``)."""
+    return site if site and config.tls.sni[site - 1].token is not None else 0
+
+
+def token_config(config: ProxyConfig, site: int) -> TokenConfig:
+    """The token settings site ``site``'s key uses."""
+    own = config.tls.sni[site - 1].token if site else None
+    return own if own is not None else config.token
 
 
 # -- custody: the one place it is decided ---------------------------------------------------
@@ -314,47 +342,48 @@ def _ocsp(bench: Workbench, site: int) -> str:
     return f"{ref.describe()}: good, current, for this certificate"
 
 
-def _pin(bench: Workbench, _item: int) -> str:
-    source = bench.config.token.pin
+def _pin(bench: Workbench, site: int) -> str:
+    source = token_config(bench.config, site).pin
     with checking(source.describe(), "read"):
-        bench.pin = read_pin(source, bench.store)
+        bench.pins[site] = read_pin(source, bench.store)
     return source.describe()
 
 
-def _token(bench: Workbench, _item: int) -> str:
-    config, store = bench.config, bench.store
-    pin, bench.pin = bench.pin, None
+def _token(bench: Workbench, site: int) -> str:
+    settings, store = token_config(bench.config, site), bench.store
+    pin = bench.pins.pop(site, None)
     if pin is None:  # pragma: no cover - "needs" runs the pin step first
         raise RuntimeError("the token step ran without a PIN")
-    bench.token = Token(
-        config.token.module,
-        config.tls.key,
+    token = bench.tokens[site] = Token(
+        settings.module,
+        _key_uri(bench.config, site),
         pin,
-        pool_size=config.token.sessions,
+        pool_size=settings.sessions,
         observer=bench.observer,
         # Recovery logs in again with the PIN read afresh from its source (never kept).
-        pin_provider=lambda: read_pin(config.token.pin, store),
+        pin_provider=lambda: read_pin(settings.pin, store),
     )
-    return f"{bench.token.label!r} in {config.token.module}: logged in"
+    return f"{token.label!r} in {settings.module}: logged in"
 
 
-def _mechanisms(bench: Workbench, _item: int) -> str:
-    return ", ".join(sorted(m.value for m in bench.logged_in().mechanisms)) or "none"
+def _mechanisms(bench: Workbench, site: int) -> str:
+    return ", ".join(sorted(m.value for m in bench.logged_in(site).mechanisms)) or "none"
 
 
 def _key(bench: Workbench, site: int) -> str:
-    token = bench.logged_in()
+    token = bench.logged_in(site)
     uri = _key_uri(bench.config, site)
-    if uri.token is not None and uri.token != token.label:
+    if token_site(bench.config, site) == 0 and uri.token is not None and uri.token != token.label:
         raise ConfigError(
-            f"{uri}: every key must live in the token that [tls] key names ({token.label!r})"
+            f"{uri}: a key outside the token that [tls] key names ({token.label!r}) needs a "
+            "[tls.sni.token] table in its [[tls.sni]] entry (module, pin ...)"
         )
     key = bench.keys[site] = token.find_private_key(uri)
     return f"{uri} -> {key.info.describe()}"
 
 
 def _custody(bench: Workbench, site: int) -> str | Caution:
-    verdict = judge_custody(bench.keys[site], bench.config.token.key_custody)
+    verdict = judge_custody(bench.keys[site], token_config(bench.config, site).key_custody)
     if verdict.status == FAIL:
         raise KeyCustodyError(verdict.detail)
     return Caution(verdict.detail) if verdict.status == WARN else verdict.detail
@@ -425,6 +454,11 @@ def _once(_config: ProxyConfig) -> range:
     return range(1)
 
 
+def _token_sites(config: ProxyConfig) -> list[int]:
+    """Site 0 ([token]) and every site with a token of its own."""
+    return [site for site in _sites(config) if token_site(config, site) == site]
+
+
 def _sites(config: ProxyConfig) -> range:
     return range(1 + len(config.tls.sni))
 
@@ -458,10 +492,10 @@ STEPS: tuple[Step, ...] = (
     Step("ticket key[{n}]", _ticket_refs, (), _ticket_key),
     Step("{site}client auth", _with_client_auth, (), _client_auth),
     Step("{site}ocsp", _with_ocsp, ("{site}certificate",), _ocsp),
-    Step("pin", _once, (), _pin),
-    Step("token", _once, ("pin",), _token),
-    Step("mechanisms", _once, ("token",), _mechanisms),
-    Step("{site}key", _sites, ("token",), _key),
+    Step("{site}pin", _token_sites, (), _pin),
+    Step("{site}token", _token_sites, ("{site}pin",), _token),
+    Step("{site}mechanisms", _token_sites, ("{site}token",), _mechanisms),
+    Step("{site}key", _sites, ("{token}token",), _key),
     Step("{site}custody", _sites, ("{site}key",), _custody),
     Step("{site}match", _sites, ("{site}certificate", "{site}key"), _match),
     Step("{site}names", _sni_sites, ("{site}certificate",), _names),
@@ -481,8 +515,8 @@ MISSING: dict[str, str] = {
     "{site}certificate": "no valid certificate",
     "{site}client auth": "no valid client CA bundle",
     "{site}ocsp": "no valid OCSP response",
-    "pin": "no usable PIN",
-    "token": "no token session",
+    "{site}pin": "no usable PIN",
+    "{site}token": "no token session",
     "{site}key": "no token key",
     "{site}match": "no certificate proven to match its token key",
     "{site}names": "no server names for the site",
@@ -490,6 +524,8 @@ MISSING: dict[str, str] = {
 
 # The secret and the check a stopped build names for a step whose error does not.
 BLAME: dict[str, Blame] = {
-    "token": Blame(lambda config, _item: config.token.pin, "login", (LoginError, SecretError)),
+    "{site}token": Blame(
+        lambda config, site: token_config(config, site).pin, "login", (LoginError, SecretError)
+    ),
     "{site}match": Blame(_certificate_ref, "certificate matches token key"),
 }

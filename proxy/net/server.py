@@ -178,7 +178,8 @@ async def serve(
     http1 = HTTP1Handler()  # owns the upstream pools; HTTP/2 streams use the same ones
     state = ServerState(
         holder,
-        trio.CapacityLimiter(holder.current.token.pool_size),
+        # Every token's sessions: a handshake step waits only when all are busy.
+        trio.CapacityLimiter(sum(token.pool_size for token in holder.current.all_tokens())),
         handlers=Handlers({HTTP1: http1, HTTP2: HTTP2Handler(http1.pools), TCP: TCPHandler()}),
         handshakes=HandshakeLimiter(
             security.max_handshakes,
@@ -192,12 +193,12 @@ async def serve(
     operations.metrics.track_queue(lambda: state.sign_limiter.statistics().tasks_waiting)
 
     def resize_sign_limiter(generation: Generation) -> None:
-        # Handshake steps that sign at once: as many as the served token has sessions. The
-        # old generation's handshakes in flight finish under the new size.
-        state.sign_limiter.total_tokens = generation.token.pool_size
+        # Handshake steps that sign at once: as many as the served tokens have sessions.
+        # The old generation's handshakes in flight finish under the new size.
+        state.sign_limiter.total_tokens = sum(token.pool_size for token in generation.all_tokens())
 
     holder.on_swap(resize_sign_limiter)
-    operations.readiness.add_check(lambda: token_state(state.holder.current.token))
+    operations.readiness.add_check(lambda: token_state(*state.holder.current.all_tokens()))
     http = holder.current.config.http
     shared = worker_sockets()
     try:

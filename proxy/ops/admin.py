@@ -499,12 +499,18 @@ def sign_probes(keys: Sequence[TokenKey]) -> list[SignedDigest] | str:
         return str(exc)
 
 
-def token_state(token: Token) -> CheckResult:
-    """The token layer's own view: down (failing, being recovered) or usable."""
-    reason = token.unusable_reason
-    if reason is None:
-        return CheckResult("token_state", True, f"token {token.label!r} usable")
-    return CheckResult("token_state", False, f"token {token.label!r} unusable: {reason}")
+def token_state(*tokens: Token) -> CheckResult:
+    """The token layer's own view of every token: down (failing, being recovered) or
+    usable. Each token recovers on its own; any one down makes this check fail."""
+    down = [
+        f"token {token.label!r} unusable: {token.unusable_reason}"
+        for token in tokens
+        if token.unusable_reason is not None
+    ]
+    if down:
+        return CheckResult("token_state", False, "; ".join(down))
+    labels = ", ".join(repr(token.label) for token in tokens)
+    return CheckResult("token_state", True, f"token {labels} usable")
 
 
 class Operations:

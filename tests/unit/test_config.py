@@ -132,3 +132,34 @@ def test_per_name_settings_errors_name_the_entry(
     with pytest.raises(ConfigError) as caught:
         parse_config(_with_site(site), base=tmp_path, source="test")
     assert message in str(caught.value)
+
+
+def test_a_server_name_may_name_a_token_of_its_own(tmp_path: Path) -> None:
+    own = {"module": "/opt/cloudhsm/lib/libcloudhsm_pkcs11.so", "pin": "env:CLOUDHSM_PIN"}
+    config = parse_config(_with_site({**SITE, "token": own}), tmp_path, "t")
+    token = config.tls.sni[0].token
+    assert token is not None
+    assert token.module == "/opt/cloudhsm/lib/libcloudhsm_pkcs11.so"
+    assert token.pin.reference == "env:CLOUDHSM_PIN"
+    assert token.sessions == 4
+    assert token.pin in config.secrets()  # watched like [token]'s
+    assert parse_config(_with_site(SITE), tmp_path, "t").tls.sni[0].token is None
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        ({"module": "m"}, "tls.sni[1].token: set pin, where the PIN is"),
+        ({"module": "m", "pin": "4821"}, "tls.sni[1].token.pin: needs a reference"),
+        ({"module": "m", "pin": "env:P", "sessions": 0}, "tls.sni[1].token.sessions: must be"),
+        ({"pin": "env:P"}, "tls.sni[1].token.module: required key is missing"),
+        ({"module": "m", "pin": "env:P", "label": "x"}, "tls.sni[1].token.label: unknown key"),
+    ],
+)
+def test_a_server_names_token_errors_name_the_entry(
+    tmp_path: Path, token: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_with_site({**SITE, "token": token}), base=tmp_path, source="test")
+    assert message in str(caught.value)
+    assert "4821" not in str(caught.value)
