@@ -25,7 +25,7 @@ things) share one notion of "which path is this".
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset(b"0123456789ABCDEFabcdef")
@@ -45,10 +45,10 @@ class TargetError(ValueError):
         self.status = status
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(NamedTuple):
     """A request target, understood: the normalised path, the raw query (with its ``?``,
-    or empty), and the authority of an absolute-form target (None otherwise)."""
+    or empty), and the authority of an absolute-form target (None otherwise). A tuple:
+    one is made per request."""
 
     path: str
     query: str = ""
@@ -61,6 +61,15 @@ class Target:
 
 def parse_target(target: bytes, method: bytes, allow_ambiguous: bool = False) -> Target:
     """The target of a request with ``method``, checked and normalised (see above)."""
+    if (
+        target[:1] == b"/"
+        and b"/." not in target
+        and b"//" not in target
+        and (target.isascii() and b"%" not in target and b"#" not in target)
+    ):
+        # The common case, already normal: a path without dots, escapes or empty segments.
+        plain_path, mark, plain_query = target.decode("ascii").partition("?")
+        return Target(plain_path, mark + plain_query)
     authority: bytes | None = None
     if target[:1] != b"/":
         if target == b"*":
