@@ -64,8 +64,9 @@ class FaultControl:
 
 
 def read_stats(path: Path) -> dict[str, int]:
-    """The FAULTHSM_STATS file: ``signatures`` and ``max_in_flight`` (zeros before any)."""
-    stats = {"signatures": 0, "max_in_flight": 0}
+    """The FAULTHSM_STATS file: ``signatures``, ``in_flight`` and ``max_in_flight`` (zeros
+    before any)."""
+    stats = {"signatures": 0, "in_flight": 0, "max_in_flight": 0}
     if path.exists():
         for line in path.read_text().splitlines():
             name, _, value = line.partition("=")

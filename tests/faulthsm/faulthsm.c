@@ -40,10 +40,15 @@
  *                                         sign-recover: a C_GenerateKeyPair template naming
  *                                         one and a C_GetAttributeValue asking for one get
  *                                         CKR_ATTRIBUTE_TYPE_INVALID
- *   FAULTHSM_STATS         -             a file rewritten after every signature with
- *                                         "signatures=N" (signatures made by this process)
- *                                         and "max_in_flight=M" (most C_Sign calls that
- *                                         were under way at once)
+ *   -                      hold          1: every C_Sign that produces a signature waits
+ *                                         (re-reading the control file every 5 ms) until
+ *                                         hold is no longer set: a test sees signatures
+ *                                         under way, by the stats file, and lets them go
+ *   FAULTHSM_STATS         -             a file rewritten when a signature starts and
+ *                                         after it ends with "signatures=N" (signatures
+ *                                         made by this process), "in_flight=K" (C_Sign
+ *                                         calls under way now) and "max_in_flight=M" (most
+ *                                         C_Sign calls that were under way at once)
  *
  * Known names: CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_DEVICE_MEMORY, CKR_GENERAL_ERROR,
  * CKR_FUNCTION_FAILED, CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED,
@@ -122,6 +127,7 @@ typedef struct {
     int hidden_count;
     unsigned long refused[MAX_HIDDEN]; /* attribute types the token does not know */
     int refused_count;
+    int hold;             /* 1: signatures wait until the control file says otherwise */
 } settings_t;
 
 static settings_t env_settings;
@@ -130,9 +136,24 @@ static const char *stats_path;
 static pthread_mutex_t stats_lock = PTHREAD_MUTEX_INITIALIZER;
 static unsigned long in_flight, max_in_flight, signatures;
 
+static void write_stats(void) { /* with stats_lock held */
+    if (stats_path) {
+        char partial[4096];
+        snprintf(partial, sizeof partial, "%s.%d.tmp", stats_path, (int)getpid());
+        FILE *file = fopen(partial, "w");
+        if (file) {
+            fprintf(file, "signatures=%lu\nin_flight=%lu\nmax_in_flight=%lu\n", signatures,
+                    in_flight, max_in_flight);
+            fclose(file);
+            rename(partial, stats_path);
+        }
+    }
+}
+
 static void sign_started(void) {
     pthread_mutex_lock(&stats_lock);
     if (++in_flight > max_in_flight) max_in_flight = in_flight;
+    write_stats();
     pthread_mutex_unlock(&stats_lock);
 }
 
@@ -140,16 +161,7 @@ static void sign_finished(CK_RV rv) {
     pthread_mutex_lock(&stats_lock);
     in_flight--;
     if (rv == CKR_OK) signatures++;
-    if (stats_path) {
-        char partial[4096];
-        snprintf(partial, sizeof partial, "%s.%d.tmp", stats_path, (int)getpid());
-        FILE *file = fopen(partial, "w");
-        if (file) {
-            fprintf(file, "signatures=%lu\nmax_in_flight=%lu\n", signatures, max_in_flight);
-            fclose(file);
-            rename(partial, stats_path);
-        }
-    }
+    write_stats();
     pthread_mutex_unlock(&stats_lock);
 }
 
@@ -192,6 +204,7 @@ static void apply(settings_t *s, const char *key, char *value) {
     else if (strcmp(key, "jitter_ms") == 0) s->jitter_ms = atof(value);
     else if (strcmp(key, "error_count") == 0) s->error_count = atol(value);
     else if (strcmp(key, "max_sessions") == 0) s->max_sessions = strtoul(value, NULL, 0);
+    else if (strcmp(key, "hold") == 0) s->hold = atoi(value) != 0;
     else if (strcmp(key, "error") == 0) {
         unsigned long code = CKR_OK;
         s->error = *value && parse_code(value, &code) ? code : CKR_OK;
@@ -418,6 +431,10 @@ static CK_RV w_Sign(CK_SESSION_HANDLE session, CK_BYTE *data, CK_ULONG data_len,
         extra = s.jitter_ms * ((double)rand_r(&seed) / RAND_MAX);
     }
     sleep_ms(s.delay_ms + extra);
+    while (s.hold) {
+        sleep_ms(5);
+        s = current();
+    }
     CK_RV rv = REAL(Sign, fn)(session, data, data_len, signature, signature_len);
     sign_finished(rv);
     return rv;

@@ -24,6 +24,7 @@ from tests.support import (
     client_context,
     https_request,
 )
+from tests.support.reload import wait_until
 
 
 def test_rsa_key_without_raw_rsa_still_does_tls13_through_pkcs_pss(
@@ -171,35 +172,35 @@ def test_keepalive_requests_do_not_wait_behind_handshakes_stuck_on_a_slow_token(
     ca: trustme.CA,
     upstream: RecordingUpstream,
 ) -> None:
-    proxy = on_faulthsm(sessions=2)
+    proxy = on_faulthsm(sessions=2, extra_tls="handshake_timeout = 300\n")
     context = client_context(ca)
+    stats = fault.path.with_name("faulthsm.stats")
     kept = KeepAlive(proxy.port, context)
+    waiting: list[threading.Thread] = []
     try:
         assert kept.get("/before") == 200
-        fault.set(delay_ms=1500)  # every new handshake now waits 1.5 s or more on the token
-        finished: list[tuple[str, float]] = []
-        lock = threading.Lock()
+        fault.set(hold=1)  # every new signature now waits inside the token until released
+        finished: list[int] = []
 
         def handshake(number: int) -> None:
-            https_request(proxy.port, context, path=f"/slow/{number}")
-            with lock:
-                finished.append(("handshake", time.monotonic()))
+            finished.append(https_request(proxy.port, context, path=f"/slow/{number}").status)
 
         waiting = [threading.Thread(target=handshake, args=(n,)) for n in range(6)]
         for thread in waiting:
             thread.start()
-        time.sleep(0.3)  # let them reach the token (ordering below holds either way)
+        # Both token sessions are taken by held signatures; four more handshakes queue.
+        wait_until(lambda: read_stats(stats)["in_flight"] == 2, what="two held signatures")
         for number in range(20):
             assert kept.get(f"/during/{number}") == 200
-            with lock:
-                finished.append(("keepalive", time.monotonic()))
+        # Answered while no handshake could finish: none of them queued behind a signature.
+        assert finished == []
+        assert read_stats(stats)["in_flight"] == 2
+    finally:
+        fault.clear()
         for thread in waiting:
-            thread.join()
-        order = [kind for kind, _ in sorted(finished, key=lambda item: item[1])]
-        # Every keep-alive request was answered before the first waiting handshake ended:
-        # none of them queued behind a token signature.
-        assert order[:20] == ["keepalive"] * 20
-        assert order.count("handshake") == 6
+            thread.join(timeout=60)
+    try:
+        assert finished == [200] * 6
         assert kept.get("/after") == 200
     finally:
         kept.close()

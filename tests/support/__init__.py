@@ -130,6 +130,7 @@ class RecordingUpstream:
     def __init__(self) -> None:
         self.requests: list[SeenRequest] = []
         self.connections = 0
+        self.closed = 0  # connections that ended (the proxy closed an idle pooled one ...)
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -138,6 +139,10 @@ class RecordingUpstream:
             def setup(self) -> None:
                 super().setup()
                 upstream.connections += 1
+
+            def finish(self) -> None:
+                super().finish()
+                upstream.closed += 1
 
             def _answer(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)

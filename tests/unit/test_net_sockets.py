@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 
 from proxy.net.sockets import TCPStream
 
@@ -60,12 +61,15 @@ def test_a_receive_timeout_bounds_a_stall_not_a_transfer() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trickle)
             assert await _receive_exactly(right, 20) == b"x" * 20
+        assert trio.current_time() >= 1.9  # the transfer outlasted the timeout many times
         with pytest.raises(trio.TooSlowError):
             await right.receive_some()  # nothing more comes
         await left.aclose()
         await right.aclose()
 
-    trio.run(main)
+    # Virtual time: the gaps are exactly 0.1 s however busy the machine is; the clock jumps
+    # to the next deadline only when every task waits (loopback delivers a send at once).
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.05))
 
 
 def test_a_send_timeout_drops_a_peer_that_stops_reading() -> None:
