@@ -18,6 +18,7 @@ import trustme
 from tests.faulthsm import FaultControl, read_stats
 from tests.support import (
     TOKEN_PIN,
+    KeepAlive,
     ProxyFactory,
     RecordingUpstream,
     StartOnFaulthsm,
@@ -140,30 +141,6 @@ def test_concurrent_handshakes_overlap_their_token_signatures(
     stats = read_stats(fault.path.with_name("faulthsm.stats"))
     assert stats["signatures"] >= 50
     assert stats["max_in_flight"] >= 2
-
-
-class KeepAlive:
-    """One TLS connection kept open for many requests; never silently reconnects."""
-
-    def __init__(self, port: int, context: ssl.SSLContext) -> None:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.tls = context.wrap_socket(raw, server_hostname="localhost")
-        self.reader = self.tls.makefile("rb")
-
-    def get(self, path: str) -> int:
-        self.tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-        status = int(self.reader.readline().split()[1])
-        length = 0
-        while (line := self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode().partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        self.reader.read(length)
-        return status
-
-    def close(self) -> None:
-        self.reader.close()
-        self.tls.close()
 
 
 def test_keepalive_requests_do_not_wait_behind_handshakes_stuck_on_a_slow_token(

@@ -464,6 +464,30 @@ def https_request(
     return Reply(int(status_line.split()[1]), parsed, payload, version, alpn)
 
 
+class KeepAlive:
+    """One TLS connection kept open for many requests; never silently reconnects."""
+
+    def __init__(self, port: int, context: ssl.SSLContext) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.tls = context.wrap_socket(raw, server_hostname="localhost")
+        self.reader = self.tls.makefile("rb")
+
+    def get(self, path: str) -> int:
+        self.tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        status = int(self.reader.readline().split()[1])
+        length = 0
+        while (line := self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        self.reader.read(length)
+        return status
+
+    def close(self) -> None:
+        self.reader.close()
+        self.tls.close()
+
+
 class StartedProxies:
     """Proxy processes started for one test (:meth:`start`, as :meth:`ProxyProcess.start`
     in ``directory`` with ``hsm`` and ``ca``), all stopped by :meth:`stop_all`: what the

@@ -1,7 +1,7 @@
 """Helpers for the reload tests: configs with secrets, a steady stream of clients, secret pushes.
 
-The load runs real TLS clients in threads (fresh connections with stdlib ssl, keep-alive
-connections with httpx) and records every failure and every certificate serial it saw.
+The load runs real TLS clients in threads (fresh connections, and keep-alive connections
+that never reconnect silently: a dropped one is a failure) and records every failure.
 """
 
 from __future__ import annotations
@@ -16,10 +16,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 from cryptography import x509
 
-from tests.support import REPO, ProxyProcess, https_request, proxy_command, stop_all
+from tests.support import (
+    REPO,
+    KeepAlive,
+    ProxyProcess,
+    https_request,
+    proxy_command,
+    stop_all,
+)
 
 RELOAD_SETTINGS = "\n[reload]\nwatch_interval = 0.2\naws_poll_interval = 0.5\n"
 
@@ -125,6 +131,7 @@ class Load:
         self.context = context
         self.ok = 0
         self.failures: list[str] = []
+        self.keepalive_connections = 0  # one per keep-alive client unless one was dropped
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [
@@ -148,21 +155,28 @@ class Load:
             time.sleep(0.01)
 
     def _keepalive_loop(self) -> None:
-        try:
-            with httpx.Client(verify=self.context, timeout=10) as client:
-                while not self._stop.is_set():
-                    try:
-                        response = client.get(f"https://localhost:{self.port}/load/keepalive")
-                        self._record(
-                            None
-                            if response.status_code == 200
-                            else f"status {response.status_code}"
-                        )
-                    except Exception as exc:
-                        self._record(f"keep-alive connection: {exc!r}")
-                    time.sleep(0.01)
-        except Exception as exc:  # pragma: no cover - reported through failures
-            self._record(f"keep-alive client: {exc!r}")
+        """One connection for as long as the load runs. A proxy that closes it (a reload
+        that drops kept-alive connections) is a failure, not a silent reconnect."""
+        connection: KeepAlive | None = None
+        served = 0
+        while not self._stop.is_set():
+            try:
+                if connection is None:
+                    connection = KeepAlive(self.port, self.context)
+                    served = 0
+                    with self._lock:
+                        self.keepalive_connections += 1
+                status = connection.get("/load/keepalive")
+                served += 1
+                self._record(None if status == 200 else f"status {status}")
+            except Exception as exc:
+                self._record(f"keep-alive connection lost after {served} requests: {exc!r}")
+                if connection is not None:
+                    connection.close()
+                connection = None
+            time.sleep(0.01)
+        if connection is not None:
+            connection.close()
 
     def count(self) -> int:
         with self._lock:
