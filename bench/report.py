@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCENARIOS = ("1", "2a", "2b", "3", "4", "4b", "5", "6")
+SCENARIOS = ("1", "2a", "2b", "3", "4", "4b", "5", "6", "7", "7p")
 # Measured beside the scenarios, shown in RESULTS.md and runs.json; results.json
 # keeps to the schema.
 EXTRA_SCENARIOS = ("1r",)
@@ -36,6 +36,9 @@ SCENARIO_TITLES = {
     "4b": "Throughput, 64 KiB responses over 32 keep-alive connections",
     "5": "Resident memory, 5,000 idle TLS keep-alive connections",
     "6": "Resumed handshakes (session tickets)",
+    "7": "HTTP/2 keep-alive requests, 100-byte responses, 32 connections x 10 streams (h2load)",
+    "7p": "Page loads: 6 parallel requests on new connections, token signatures per page "
+    "(nginx: full handshakes), HTTP/1.1 (a connection per request) and HTTP/2 (one)",
 }
 # (scenario, unit of the compared figure, contender compared, target ratio, higher is better)
 TARGETS = (
@@ -59,7 +62,10 @@ PRIMARY_UNIT = {
     "4b": "MB/s",
     "5": "KiB per connection",
     "6": "handshakes/s",
+    "7": "requests/s",
+    "7p": "token signatures per page load, HTTP/2",
 }
+H2_PAGE_UNIT = "token signatures per page load, HTTP/2"
 
 
 @dataclass
@@ -165,6 +171,33 @@ def ratios(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "met": None if ratio is None else ratio >= 1.7,
             }
         )
+    http2, http1 = (
+        _find(results, "7", "proxy", "requests/s per core"),
+        _find(results, "3", "proxy", "requests/s per core"),
+    )
+    ratio = http2 / http1 if http1 and http2 is not None else None
+    rows.append(
+        {
+            "scenario": "7",
+            "unit": "requests/s per core",
+            "reference": "proxy, HTTP/1.1 (scenario 3)",
+            "ratio": ratio,
+            "target": ">= 0.7x",
+            "met": None if ratio is None else ratio >= 0.7,
+        }
+    )
+    pages = _find(results, "7p", "proxy", H2_PAGE_UNIT)
+    rows.append(
+        {
+            "scenario": "7p",
+            "unit": H2_PAGE_UNIT,
+            "reference": "(absolute)",
+            "ratio": pages,
+            "target": "1",
+            "met": None if pages is None else pages == 1,
+            "absolute": True,
+        }
+    )
     resumed = _find(results, "6", "proxy", RESUMED_UNIT)
     rows.append(
         {

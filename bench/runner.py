@@ -16,6 +16,13 @@ more CPU than the server's, so ``--workers 2`` cannot show how it scales there; 
 signature is expensive for the server and cheap for the client to verify (the issue's
 own advice).
 
+Scenario 7 is HTTP/2: h2load with ``H2_CLIENTS`` connections of ``H2_STREAMS`` concurrent
+streams each, 100-byte responses (nginx with HTTP/2 on; the proxy forwards each stream as
+an HTTP/1.1 request). Scenario 7p is "page loads": ``PAGE_REQUESTS`` parallel requests on
+new connections, as a browser loads a page, over HTTP/1.1 (one connection per request,
+h2load --h1) and over HTTP/2 (one connection); the token signatures (nginx: full
+handshakes) per page load are counted for each.
+
 Scenarios 2a/2b run a second set of token contenders on the delaying PKCS#11 module
 (tests/faulthsm, when the repository has it). The front ends are pinned to one core, the
 load generator (wrk, or idle_client.py for scenario 5) and the backend to another.
@@ -87,6 +94,10 @@ RSA_SCENARIO = "1r"
 PROXY_SESSIONS = 4
 PROXY_SESSIONS_DELAYED = 16
 CONNECTIONS = 32  # wrk connections for scenarios 1, 2, 3 and 6
+H2_CLIENTS = 32  # scenario 7: h2load connections ...
+H2_STREAMS = 10  # ... and concurrent streams on each
+PAGE_REQUESTS = 6  # scenario 7p: the parallel requests of one page load
+PAGE_LOADS = 10  # scenario 7p: page loads per protocol and repetition
 THROUGHPUT_CONNECTIONS = 8  # scenario 4
 IDLE_CONNECTIONS = 5000  # scenario 5
 # Foreign CPU (used by processes not ours) during a run before it counts as disturbed: on
@@ -98,6 +109,13 @@ MEDIUM_BODY = 65536  # scenario 4b
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DELAYS = {"2a": 2.0, "2b": 10.0}
 FULL_HANDSHAKE_SCENARIOS = ("1", RSA_SCENARIO, *DELAYS)
+
+
+H2_SCENARIOS = ("7", "7p")
+H2_PAGE_UNITS = {
+    "h1": "token signatures per page load, HTTP/1.1",
+    "h2": "token signatures per page load, HTTP/2",
+}
 
 
 def variant_of(scenario: str) -> str:
@@ -547,11 +565,12 @@ class NginxContender(Contender):
         else:
             certificate, key = self.material.software_chain, str(self.material.software_key)
         http = f"""
-  log_format bench '$ssl_session_reused $ssl_protocol $status';
+  log_format bench '$ssl_session_reused $ssl_protocol $status $connection';
   access_log {self.dir}/access.log bench;
   upstream backend {{ server 127.0.0.1:{self.backend.port}; keepalive 64; }}
   server {{
-    listen 127.0.0.1:{self.port} ssl backlog=4096;
+    listen 127.0.0.1:{self.port} ssl{nginx_http2_listen()} backlog=4096;
+    {nginx_http2_directive()}
     ssl_certificate {certificate};
     ssl_certificate_key "{key}";
     ssl_protocols TLSv1.2 TLSv1.3;
@@ -581,6 +600,32 @@ class NginxContender(Contender):
                 elif line.startswith(b". "):
                     full += 1
         return {"full_handshakes": full, "resumed_handshakes": resumed}
+
+    def full_handshake_connections_since(self, mark: int) -> int:
+        """Connections that began with a full handshake (its requests share a $connection)."""
+        connections = set()
+        with (self.dir / "access.log").open("rb") as log:
+            log.seek(mark)
+            for line in log:
+                if line.startswith(b". "):
+                    connections.add(line.split()[-1])
+        return len(connections)
+
+
+def nginx_version() -> tuple[int, ...]:
+    completed = subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False)
+    version = completed.stderr.strip().rpartition("/")[2].split()[0]
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def nginx_http2_listen() -> str:
+    """HTTP/2 on a TLS listener: ``listen ... ssl http2`` before nginx 1.25.1 (Debian 12's
+    1.22), the ``http2 on`` directive since (Debian 13's 1.26)."""
+    return " http2" if nginx_version() < (1, 25, 1) else ""
+
+
+def nginx_http2_directive() -> str:
+    return "http2 on;" if nginx_version() >= (1, 25, 1) else ""
 
 
 def engine_path() -> str:
@@ -642,6 +687,40 @@ def run_wrk(
     raise RuntimeError(
         f"wrk failed ({completed.returncode}): {completed.stderr or completed.stdout}"
     )
+
+
+def run_h2load(
+    cores: Cores,
+    port: int,
+    path: str,
+    *,
+    clients: int,
+    streams: int,
+    requests: int,
+    http1: bool = False,
+) -> dict[str, Any]:
+    """h2load (nghttp2-client): ``requests`` over ``clients`` connections of ``streams``
+    concurrent streams each; its counts and rate."""
+    argv = ["taskset", "-c", cores.client, "h2load", "-t1", f"-c{clients}", f"-m{streams}"]
+    argv.append(f"-n{requests}")
+    if http1:
+        argv.append("--h1")
+    argv.append(f"https://127.0.0.1:{port}{path}")
+    completed = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
+    out = completed.stdout
+    figures: dict[str, Any] = {}
+    for line in out.splitlines():
+        words = line.replace(",", "").split()
+        if line.startswith("finished in"):
+            figures["rate"] = float(words[3])  # "finished in 5.00s, 1234.5 req/s, ..."
+        elif line.startswith("requests:"):
+            figures["requests"] = int(words[7])  # succeeded
+            figures["errors"] = {"failed": int(words[9]), "errored": int(words[11])}
+        elif line.startswith("Application protocol:"):
+            figures["protocol"] = words[2]
+    if "requests" not in figures:
+        raise RuntimeError(f"h2load failed ({completed.returncode}): {completed.stderr or out}")
+    return figures
 
 
 # --- measuring -------------------------------------------------------------------------------
@@ -805,6 +884,10 @@ class Bench:
         seconds = self.args.seconds
         if scenario == "5":
             return self.measure_memory(contender, name, repetition)
+        if scenario == "7":
+            return self.measure_h2(contender, name, repetition)
+        if scenario == "7p":
+            return self.measure_pages(contender, name, repetition)
         full = scenario in FULL_HANDSHAKE_SCENARIOS
         path = {"4": "/large", "4b": "/medium"}.get(scenario, "/small")
         connections = THROUGHPUT_CONNECTIONS if scenario == "4" else CONNECTIONS
@@ -891,6 +974,112 @@ class Bench:
             f"cpu {window.front_share:.2f} client {window.client_cpu / window.wall:.2f} "
             f"foreign {window.foreign_cores:.2f} (front core {window.foreign_front:.2f})"
         )
+        return run
+
+    def measure_h2(self, contender: Contender, name: str, repetition: int) -> Run:
+        """Scenario 7: HTTP/2 keep-alive requests, H2_CLIENTS x H2_STREAMS at once. h2load
+        runs a request count (about ``--seconds`` at the rate of a short first run): its
+        timed mode (-D) at times never ends against a busy server."""
+        probe = run_h2load(
+            self.cores,
+            contender.port,
+            "/small",
+            clients=H2_CLIENTS,
+            streams=H2_STREAMS,
+            requests=H2_CLIENTS * H2_STREAMS * 5,
+        )
+        count = max(H2_CLIENTS * H2_STREAMS * 5, round(probe["rate"] * self.args.seconds))
+        profiler = self.start_profiler(contender, "7", repetition)
+        with Window(contender, self.backend) as window:
+            result = run_h2load(
+                self.cores,
+                contender.port,
+                "/small",
+                clients=H2_CLIENTS,
+                streams=H2_STREAMS,
+                requests=count,
+            )
+        if profiler is not None:
+            profiler.wait()
+        rate = result["rate"]
+        share = max(window.front_share, 1e-6)
+        errors = sum(result["errors"].values())
+        figures = {"requests/s": rate, "requests/s per core": rate / share}
+        checks = {
+            "client_requests": result["requests"],
+            "client_errors": result["errors"],
+            "client_error_share": round(errors / max(result["requests"] + errors, 1), 4),
+            "application_protocol": result.get("protocol"),
+            "frontend_cpu_share": round(window.front_share, 3),
+            "frontend_cpu_seconds": round(window.front_cpu, 3),
+            "frontend_kernel_seconds": round(window.front_kernel, 3),
+            "frontend_context_switches": window.front_switches,
+            "client_cpu_share": round(window.client_cpu / window.wall, 3),
+            "foreign_cpu_on_frontend_core": round(window.foreign_front, 3),
+        }
+        failed = (
+            checks["client_error_share"] > ERROR_LIMIT
+            or result.get("protocol") != "h2"
+            or contender.died()
+        )
+        run = Run(
+            "7",
+            name,
+            repetition,
+            {unit: round(value, 3) for unit, value in figures.items()},
+            checks,
+            round(window.foreign_cores, 3),
+            window.disturbed,
+            failed=failed,
+        )
+        say(
+            f"  7 {name:<13} rep {repetition}: {_brief(figures)} ({result.get('protocol')}) "
+            f"cpu {window.front_share:.2f} foreign {window.foreign_cores:.2f}"
+        )
+        return run
+
+    def measure_pages(self, contender: Contender, name: str, repetition: int) -> Run:
+        """Scenario 7p: PAGE_LOADS page loads of PAGE_REQUESTS parallel requests on new
+        connections, over HTTP/1.1 (a connection per request) and over HTTP/2 (one)."""
+        figures: dict[str, float] = {}
+        checks: dict[str, Any] = {}
+        failed = False
+        with Window(contender, self.backend) as window:
+            for protocol, unit in H2_PAGE_UNITS.items():
+                http1 = protocol == "h1"
+                mark = contender.log_mark()
+                succeeded = 0
+                for _ in range(PAGE_LOADS):
+                    result = run_h2load(
+                        self.cores,
+                        contender.port,
+                        "/small",
+                        clients=PAGE_REQUESTS if http1 else 1,
+                        streams=1 if http1 else PAGE_REQUESTS,
+                        requests=PAGE_REQUESTS,
+                        http1=http1,
+                    )
+                    succeeded += result["requests"]
+                    failed = failed or result.get("protocol") != ("http/1.1" if http1 else "h2")
+                time.sleep(0.2)  # let the last log lines land
+                if isinstance(contender, NginxContender):
+                    signatures = contender.full_handshake_connections_since(mark)
+                else:
+                    signatures = contender.handshakes_since(mark).get("token_signatures", 0)
+                figures[unit] = signatures / PAGE_LOADS
+                checks[f"{protocol}_requests"] = succeeded
+                failed = failed or succeeded < PAGE_LOADS * PAGE_REQUESTS
+        run = Run(
+            "7p",
+            name,
+            repetition,
+            {unit: round(value, 3) for unit, value in figures.items()},
+            checks,
+            round(window.foreign_cores, 3),
+            window.disturbed,
+            failed=failed or contender.died(),
+        )
+        say(f"  7p {name:<13} rep {repetition}: {_brief(figures)}")
         return run
 
     def start_profiler(
@@ -1068,7 +1257,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument(
         "--scenarios",
-        default=",".join(("1", RSA_SCENARIO, "2a", "2b", "3", "4", "4b", "5", "6")),
+        default=",".join(("1", RSA_SCENARIO, "2a", "2b", "3", "4", "4b", "5", "6", "7", "7p")),
         type=lambda text: text.split(","),
     )
     parser.add_argument("--quick", action="store_true", help="1 repetition of 2 s: a smoke run")

@@ -46,7 +46,7 @@ import time
 
 import trio
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -192,11 +192,18 @@ class _Connection:
         self.room: trio.Event | None = None
         self.closing = False
         self.broken = False
+        self.goaway_sent = False
         self.read_scope: trio.CancelScope | None = None
         self.last_stream: int | None = None  # set by the first GOAWAY of a drain
         self.window_waiters: set[_Stream] = set()
 
     # -- output ---------------------------------------------------------------------------
+
+    def close_connection(self, code: ErrorCodes) -> None:
+        """The final GOAWAY (h2 sends nothing after it)."""
+        self.h2.close_connection(code)
+        self.goaway_sent = True
+        self.flush()
 
     def flush(self) -> None:
         """Queue what h2 produced for the writer (no I/O)."""
@@ -258,7 +265,11 @@ class _Connection:
                     stream.scope.cancel()
                 self.closing = True
                 self.wake_writer.set()
-        return CloseMode.ABORT if self.broken else CloseMode.CLOSE_NOTIFY
+        if self.broken:
+            return CloseMode.ABORT
+        # When the proxy ended the connection (GOAWAY), linger: a client still sending (a
+        # SETTINGS ACK, a request racing the GOAWAY) reads the GOAWAY instead of a reset.
+        return CloseMode.LINGER if self.goaway_sent else CloseMode.CLOSE_NOTIFY
 
     async def reader(self) -> None:
         state = self.state
@@ -267,8 +278,7 @@ class _Connection:
             if state.draining and self.last_stream is None:
                 self.announce_drain()
             if self.last_stream is not None and not self.streams:
-                self.h2.close_connection(ErrorCodes.NO_ERROR)
-                self.flush()
+                self.close_connection(ErrorCodes.NO_ERROR)
                 return
             idle = not self.streams
             deadline = math.inf
@@ -287,8 +297,7 @@ class _Connection:
                     self.read_scope = None
             if scope.cancelled_caught:
                 if idle and not state.draining and trio.current_time() >= deadline:
-                    self.h2.close_connection(ErrorCodes.NO_ERROR)  # idle too long
-                    self.flush()
+                    self.close_connection(ErrorCodes.NO_ERROR)  # idle too long
                     return
                 continue  # draining, or the last stream of a drain finished
             if not data:
@@ -298,7 +307,8 @@ class _Connection:
                 events = self.h2.receive_data(data)
             except ProtocolError as exc:
                 self.protocol_error(error_kind(exc), str(exc))
-                self.flush()  # h2 queued its GOAWAY
+                self.goaway_sent = True  # h2 queued its GOAWAY
+                self.flush()
                 return
             for event in events:
                 if not self.dispatch(event):
@@ -316,7 +326,7 @@ class _Connection:
 
     def calm_down(self, kind: str, detail: str) -> bool:
         self.protocol_error(kind, detail)
-        self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        self.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
         return False
 
     def announce_drain(self) -> None:
@@ -374,7 +384,15 @@ class _Connection:
                 return self.calm_down("control_flood", "too many PING and SETTINGS frames")
             self.window_opened(0)  # a new initial window size changes every stream's window
         elif kind is ConnectionTerminated:
-            return False  # the client said GOAWAY: h2 sends nothing more
+            assert isinstance(event, ConnectionTerminated)
+            if event.error_code != ErrorCodes.NO_ERROR or not self.streams:
+                return False
+            # A client's graceful GOAWAY (h2load at the end of its run, a browser leaving):
+            # RFC 9113, 6.8 lets the streams it opened finish. h2 takes any GOAWAY as the
+            # end and would refuse to send their answers; reopen it, and take no new stream.
+            self.h2.state_machine.state = ConnectionState.SERVER_OPEN
+            if self.last_stream is None:
+                self.last_stream = self.h2.highest_inbound_stream_id
         return True
 
     def window_opened(self, stream_id: int) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trustme
-from hyperframe.frame import PingFrame, RstStreamFrame
+from hyperframe.frame import GoAwayFrame, PingFrame, RstStreamFrame
 
 from tests.support import HSM, ProxyFactory, ProxyProcess, RecordingUpstream
 from tests.support.h2raw import NO_ERROR, REFUSED_STREAM, RawH2, request
@@ -302,3 +302,31 @@ def test_alpn_without_h2_turns_http2_off(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "1.1 200"
+
+
+def test_a_client_goaway_lets_its_open_streams_finish(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA
+) -> None:
+    """RFC 9113, 6.8: after the client's GOAWAY(NO_ERROR) (what h2load sends at the end of
+    a timed run) the streams it opened are still answered, then the connection closes."""
+    release = threading.Event()
+    backend = ScriptedUpstream(_held_handler(release))
+    proxy = ProxyProcess.start(tmp_path, hsm, ca, backend.url, "ec256")
+    try:
+        with RawH2(proxy.port, ca) as client:
+            client.send(client.headers(1, request("/in-flight")))
+            while not backend.heads:
+                client.tls.settimeout(0.05)
+                with contextlib.suppress(TimeoutError):
+                    client.next_frame()
+            client.tls.settimeout(20)
+            client.send(GoAwayFrame(0, last_stream_id=0, error_code=NO_ERROR))
+            release.set()
+            head, body = client.response(1)
+            assert (head[b":status"], body) == (b"200", b"finished")
+            assert client.goaway().error_code == NO_ERROR
+            assert client.next_frame() is None
+    finally:
+        release.set()
+        proxy.stop()
+        backend.stop()
