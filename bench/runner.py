@@ -96,6 +96,9 @@ PROXY_SESSIONS_DELAYED = 16
 CONNECTIONS = 32  # wrk connections for scenarios 1, 2, 3 and 6
 H2_CLIENTS = 32  # scenario 7: h2load connections ...
 H2_STREAMS = 10  # ... and concurrent streams on each
+# Idle upstream connections kept, by the proxy and nginx alike: enough for the streams of
+# scenario 7 in flight at once, so that they do not reconnect for every request.
+UPSTREAM_KEEPALIVE = H2_CLIENTS * H2_STREAMS
 PAGE_REQUESTS = 6  # scenario 7p: the parallel requests of one page load
 PAGE_LOADS = 10  # scenario 7p: page loads per protocol and repetition
 THROUGHPUT_CONNECTIONS = 8  # scenario 4
@@ -511,6 +514,7 @@ class ProxyContender(Contender):
             f'key = "{key_uri}"\n\n'
             "[http]\n"
             f"max_connections = {IDLE_CONNECTIONS * 3}\n"  # as nginx's worker_connections
+            f"pool_size = {UPSTREAM_KEEPALIVE}\n"
         )
         argv = [str(HSM_PROXY), "--log-format", "json", "--log-level", self.log_level, "run"]
         argv += ["--config", str(config)]
@@ -567,7 +571,7 @@ class NginxContender(Contender):
         http = f"""
   log_format bench '$ssl_session_reused $ssl_protocol $status $connection';
   access_log {self.dir}/access.log bench;
-  upstream backend {{ server 127.0.0.1:{self.backend.port}; keepalive 64; }}
+  upstream backend {{ server 127.0.0.1:{self.backend.port}; keepalive {UPSTREAM_KEEPALIVE}; }}
   server {{
     listen 127.0.0.1:{self.port} ssl{nginx_http2_listen()} backlog=4096;
     {nginx_http2_directive()}

@@ -170,8 +170,9 @@ class _Connection:
                 header_encoding=None,
                 validate_inbound_headers=True,
                 normalize_inbound_headers=False,  # messages.py joins cookies
-                validate_outbound_headers=False,  # gateway.py hands over clean fields
-                normalize_outbound_headers=True,  # never-indexed HPACK for secrets
+                # gateway.py hands over lowercase end-to-end fields that h11 validated
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
             )
         )
         self.h2.local_settings = Settings(
