@@ -74,7 +74,7 @@ from proxy.net.relay import Relay, Side
 from proxy.net.sockets import TCPStream
 from proxy.ops.admin import Metrics
 from proxy.ops.hardening import redact_headers
-from proxy.ops.logs import access_log, connection_context, log
+from proxy.ops.logs import access_log, connection_context, info_line, log
 from proxy.tls.stream import LINGER_SECONDS, CloseMode, TLSInfo, TLSStream
 
 _RECEIVE_SIZE = 65536
@@ -532,22 +532,21 @@ def _access(
 ) -> None:
     if exchange.metrics is not None:
         exchange.metrics.request_answered(status)
-    access_log.info(
+    info_line(
+        access_log,
         "request",
-        extra={
-            "fields": {
-                "connection_id": (connection_context.get() or {}).get("connection_id"),
-                "client": exchange.client.address,
-                "sni": exchange.client.server_name,
-                "tls_version": exchange.tls_info.version,
-                "method": request.method.decode("ascii", "replace") if request else "-",
-                "path": request.target.decode("ascii", "replace") if request else "-",
-                "status": status,
-                "bytes_sent": exchange.bytes_sent - sent_before,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                "upstream": where,
-                **_client_cert_field(exchange.tls_info),
-            }
+        {
+            "connection_id": (connection_context.get() or {}).get("connection_id"),
+            "client": exchange.client.address,
+            "sni": exchange.client.server_name,
+            "tls_version": exchange.tls_info.version,
+            "method": request.method.decode("ascii", "replace") if request else "-",
+            "path": request.target.decode("ascii", "replace") if request else "-",
+            "status": status,
+            "bytes_sent": exchange.bytes_sent - sent_before,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "upstream": where,
+            **_client_cert_field(exchange.tls_info),
         },
     )
 

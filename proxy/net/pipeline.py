@@ -40,6 +40,7 @@ from proxy.net.limits import HandshakeLimiter, HandshakeSlot
 from proxy.net.sockets import TCPStream
 from proxy.ops.admin import Metrics
 from proxy.ops.logs import connection_context, log
+from proxy.tls.socketstream import open_tls_stream
 from proxy.tls.stream import CloseMode, TLSInfo, TLSStream
 
 HTTP1 = "http/1.1"
@@ -176,7 +177,7 @@ async def _handshake_and_serve(
     context: dict[str, object] = {"connection_id": connection_id, "client": peer}
     connection_context.set(context)
     stream.send_timeout = generation.config.http.body_timeout  # a client that stops reading
-    tls = TLSStream(
+    tls = open_tls_stream(
         stream,
         generation.ssl_context,
         state.sign_limiter,

@@ -125,6 +125,33 @@ class TCPStream(trio.abc.HalfCloseableStream):
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
 
+    # For a TLS stream whose OpenSSL reads and writes this socket itself (tls/stream.py):
+    # the descriptor, and the waits for readiness under this stream's timeouts.
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def wait_until_readable(self) -> None:
+        """Wait until the socket is readable, within ``receive_timeout``
+        (``trio.TooSlowError``); ``trio.ClosedResourceError`` once the stream is closed."""
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        await self._wait(readable=True)
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+
+    async def wait_until_writable(self) -> None:
+        """Wait until the socket is writable, within ``send_timeout``."""
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        await self._wait(readable=False)
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+
     async def wait_send_all_might_not_block(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")

@@ -117,7 +117,17 @@ def redact_headers(headers: Iterable[tuple[Any, Any]]) -> list[tuple[str, str]]:
     return redacted
 
 
+# Field values that cannot hold a secret: passed through without a look (an access line
+# has about a dozen fields, most of them numbers).
+_PLAIN_TYPES = frozenset({int, float, bool, type(None)})
+
+
 def _scrub_value(key: str, value: Any) -> Any:
+    kind = type(value)
+    if kind in _PLAIN_TYPES:
+        return value
+    if kind is str and not key.endswith("headers"):
+        return scrub(value) if _scrub_order else value
     if key.endswith("headers") and isinstance(value, list | tuple):
         return [list(pair) for pair in redact_headers(value)]
     if isinstance(value, str):
@@ -138,6 +148,11 @@ def format_exception(
     return scrub("".join(traceback.format_exception(kind, value, trace)))
 
 
+def scrub_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A log line's structured fields with secrets and credential headers scrubbed."""
+    return {key: _scrub_value(key, value) for key, value in fields.items()}
+
+
 class ScrubbingFilter(logging.Filter):
     """Scrubs secrets and credential headers from every record passing a handler."""
 
@@ -146,7 +161,7 @@ class ScrubbingFilter(logging.Filter):
         record.args = None
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            record.fields = {key: _scrub_value(key, value) for key, value in fields.items()}
+            record.fields = scrub_fields(fields)
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = format_exception(*record.exc_info).rstrip("\n")
             record.exc_info = None

@@ -43,7 +43,7 @@ from proxy.net.pipeline import Client
 from proxy.net.relay import Relay, RelayEnd, Side
 from proxy.net.sockets import TCPStream, connect_tcp
 from proxy.ops.admin import Metrics
-from proxy.ops.logs import access_log, log
+from proxy.ops.logs import access_log, info_line, log
 from proxy.tcp.proxyproto import encode_v2
 from proxy.tls.stream import CloseMode
 
@@ -221,4 +221,4 @@ class _Tunnel:
         if info.client_auth:
             identity = info.client_identity
             fields["client_cert"] = identity.subject if identity is not None else None
-        access_log.info("tunnel", extra={"fields": fields})
+        info_line(access_log, "tunnel", fields)

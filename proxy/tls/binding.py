@@ -72,10 +72,16 @@ int SSL_session_reused(const SSL *s);
 const char *SSL_group_to_name(SSL *ssl, int id);
 int SSL_pending(const SSL *ssl);
 size_t BIO_ctrl_pending(BIO *b);
+int SSL_set_fd(SSL *s, int fd);
+int SSL_read(SSL *ssl, void *buf, int num);
+int SSL_write(SSL *ssl, const void *buf, int num);
+int SSL_get_error(const SSL *ssl, int ret);
+int SSL_shutdown(SSL *s);
 
 /* libcrypto: errors, versions, certificates */
 const char *OpenSSL_version(int type);
 unsigned long ERR_get_error(void);
+unsigned long ERR_peek_error(void);
 void ERR_clear_error(void);
 void ERR_error_string_n(unsigned long e, char *buf, size_t len);
 const char *X509_verify_cert_error_string(long n);
@@ -152,6 +158,17 @@ SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list
 SSL_CTRL_SET_SIGALGS_LIST = 98  # SSL_CTX_set1_sigalgs_list
 SSL_CTRL_SET_MAX_PROTO_VERSION = 124  # SSL_CTX_set_max_proto_version
 SSL_CTRL_GET_NEGOTIATED_GROUP = 134  # SSL_get_negotiated_group
+SSL_CTRL_SET_READ_AHEAD = 41  # SSL_set_read_ahead
+SSL_CTRL_MODE = 33  # SSL_set_mode
+SSL_CTRL_CLEAR_MODE = 78  # SSL_clear_mode
+SSL_MODE_ENABLE_PARTIAL_WRITE = 0x1
+SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER = 0x2
+# SSL_get_error's answers (ssl.h)
+SSL_ERROR_SSL = 1
+SSL_ERROR_WANT_READ = 2
+SSL_ERROR_WANT_WRITE = 3
+SSL_ERROR_SYSCALL = 5
+SSL_ERROR_ZERO_RETURN = 6
 TLS1_2_VERSION = 0x0303
 TLS1_3_VERSION = 0x0304
 
@@ -199,6 +216,27 @@ else:
             ffi.cast("BIO *", _pyopenssl_address(connection._into_ssl)),
             ffi.cast("BIO *", _pyopenssl_address(connection._from_ssl)),
         )
+
+
+def attach_socket(connection: SSL.Connection, fd: int) -> Any:
+    """Let OpenSSL read and write the connected, non-blocking socket ``fd`` itself (a socket
+    BIO, ``SSL_set_fd``) instead of the memory BIOs pyOpenSSL made for
+    ``Connection(context, None)``; returns the connection's ``SSL *`` of :data:`ffi`.
+
+    ``SSL_set_fd`` frees the memory BIOs; pyOpenSSL's handles to them are cleared, so its
+    ``bio_read``/``bio_write`` refuse (a ``TypeError``) instead of touching freed memory.
+    Records are read ahead (one ``recv`` per burst instead of two per record: header, then
+    body) and written whole: ``SSL_write`` returns once all of its data is sent or the socket
+    would block, and a retry may pass the same data at a new address."""
+    ssl = ssl_of(connection)
+    if libssl.SSL_set_fd(ssl, fd) != 1:
+        raise OSError(f"SSL_set_fd failed: {openssl_errors()}")
+    connection._into_ssl = None  # type: ignore[attr-defined]
+    connection._from_ssl = None  # type: ignore[attr-defined]
+    libssl.SSL_ctrl(ssl, SSL_CTRL_SET_READ_AHEAD, 1, ffi.NULL)
+    libssl.SSL_ctrl(ssl, SSL_CTRL_CLEAR_MODE, SSL_MODE_ENABLE_PARTIAL_WRITE, ffi.NULL)
+    libssl.SSL_ctrl(ssl, SSL_CTRL_MODE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, ffi.NULL)
+    return ssl
 
 
 def openssl_errors() -> str:

@@ -19,11 +19,12 @@ and the callback asks the token to sign:
   signature algorithms when the token can do neither.
 
 The callbacks run in whatever thread calls into OpenSSL (a worker thread during a
-handshake). They never raise into C: a failure is remembered per thread, the callback
-returns OpenSSL's error value, the handshake fails, and the TLS layer reports why with
-:func:`pop_signing_error`. The callbacks and the methods that point at them are made once,
-at import, and kept in module-level names for the life of the process (OpenSSL keys point
-at them).
+handshake, or the event loop's while the token is fast: pace.py, to which every signature's
+duration and every failure is reported). They never raise into C: a failure is remembered
+per thread, the callback returns OpenSSL's error value, the handshake fails, and the TLS
+layer reports why with :func:`pop_signing_error`. The callbacks and the methods that
+point at them are made once, at import, and kept in module-level names for the life of the
+process (OpenSSL keys point at them).
 
 Everything is called through binding.py, on the same ``libcrypto.so.3``/``libssl.so.3``
 that pyOpenSSL uses; :func:`verify_shared_libcrypto` proves it at start-up. OpenSSL 4
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +58,7 @@ from proxy.tls.binding import (
     openssl_errors,
     ssl_ctx_of,
 )
+from proxy.tls.pace import PACE
 
 if TYPE_CHECKING:  # types only: keys.py imports this module to choose it as the backend
     from OpenSSL import SSL
@@ -81,8 +84,9 @@ def _remember_failure(message: str) -> None:
     _last_error.message = message
 
 
-def _token_signed() -> None:
+def _token_signed(started: float) -> None:
     _last_error.signed = True
+    PACE.record(time.perf_counter() - started)  # whether the next one may sign inline
 
 
 def pop_signed() -> bool:
@@ -123,10 +127,12 @@ def _ec_sign_sig(digest: Any, digest_length: int, _kinv: Any, _r: Any, ec_key: A
     if signer is None:
         _remember_failure("EC key is not bridged to a token key")
         return ffi.NULL
+    started = time.perf_counter()
     try:
         raw = signer.sign(Mechanism.ECDSA, bytes(ffi.buffer(digest, digest_length)))
-        _token_signed()
+        _token_signed(started)
     except Exception as exc:
+        PACE.record_failure()
         _remember_failure(str(exc))
         return ffi.NULL
     half = _ECDSA_HALF[signer.info.size]
@@ -163,10 +169,12 @@ def _rsa_priv_enc(length: int, source: Any, target: Any, rsa: Any, padding: int)
     if mechanism is None:
         _remember_failure(f"OpenSSL asked for RSA padding mode {padding}, which is not bridged")
         return -1
+    started = time.perf_counter()
     try:
         raw = signer.sign(mechanism, bytes(ffi.buffer(source, length)))
-        _token_signed()
+        _token_signed(started)
     except Exception as exc:
+        PACE.record_failure()
         _remember_failure(str(exc))
         return -1
     expected = libcrypto.RSA_size(rsa)
@@ -273,13 +281,15 @@ def _rsa_pkey_sign(
     if signature_length[0] < expected:
         _remember_failure(f"OpenSSL gave a {signature_length[0]}-byte buffer for an RSA signature")
         return -1
+    started = time.perf_counter()
     try:
         parameters = _pss_parameters(context, digest_length, rsa)
         raw = signer.sign(
             Mechanism.RSA_PKCS_PSS, bytes(ffi.buffer(digest, digest_length)), parameters
         )
-        _token_signed()
+        _token_signed(started)
     except Exception as exc:
+        PACE.record_failure()
         _remember_failure(str(exc))
         return -1
     if len(raw) != expected:

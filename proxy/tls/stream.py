@@ -12,15 +12,17 @@ transport stream, in the manner of trio's own ``_ssl.py``:
 * a task that finds another already receiving waits for it, then retries its own call
   instead of reading again (the ``_incoming_count`` check), as trio does.
 
-Handshake steps run in a worker thread (``trio.to_thread.run_sync``) bounded by a
-``CapacityLimiter`` sized to the token's session pool: a step may call back into the token
-to sign (ARCHITECTURE.md, decision 3), and a slow token must not freeze the event loop. Once the
-token has signed for a handshake (the key backend's ``pop_signed``, keys.py), its remaining
-steps leave the limiter to the handshakes still waiting. When ``max_waiting`` handshakes
-already wait for the limiter, a new one is refused at once (a bounded queue instead of a
-pile-up until the handshake timeout). Once our Finished message is out nothing in the
-handshake can sign any more, so the remaining steps (the client's Finished, session
-tickets) run inline and save a thread round trip.
+Handshake steps that may sign run in a worker thread (``trio.to_thread.run_sync``) bounded
+by a ``CapacityLimiter`` sized to the token's session pool: a step may call back into the
+token to sign (ARCHITECTURE.md, decision 3), and a slow token must not freeze the event
+loop. While the token is measured fast (pace.py: its signatures on the event loop short,
+none failed) such a step runs on the event loop instead, under the same limiter, and saves
+the thread round trip, which costs more CPU than a fast token's signature. Once the token has
+signed for a handshake (the key backend's ``pop_signed``, keys.py), or our Finished message
+is out, nothing in the handshake can sign any more, and the remaining steps (the client's
+flight, session tickets) run on the event loop. When ``max_waiting`` handshakes already
+wait for the limiter, a new one is refused at once (a bounded queue instead of a pile-up
+until the handshake timeout).
 
 The pumping avoids work on the per-request path: the output BIO is asked how much it holds
 (``BIO_ctrl_pending``, through binding.py on either pyOpenSSL) instead of being read until
@@ -64,6 +66,7 @@ from proxy.tls.binding import (
 )
 from proxy.tls.clientauth import ClientIdentity
 from proxy.tls.keys import pop_signed, pop_signing_error
+from proxy.tls.pace import PACE
 from proxy.tls.verify import HandshakeObserver, admitted_client, apply_client_auth
 
 _RECEIVE_SIZE = 65536
@@ -231,11 +234,38 @@ class TLSStream(trio.abc.HalfCloseableStream, HandshakeObserver):
             self._connection.do_handshake()
         except SSL.WantReadError:
             return "want-read"
+        except SSL.WantWriteError:  # OpenSSL on the socket (socketstream.py): it is full
+            return "want-write"
+        except SSL.SysCallError as error:  # OpenSSL on the socket: the client is gone
+            return "eof" if not error.args or error.args[0] in (-1, 0) else "gone"
         except SSL.Error as error:
             return pop_signing_error() or self.client_rejection or _describe_ssl_error(error)
         finally:
             self._signed = pop_signed() or self._signed
         return None
+
+    async def _step(self) -> str | None:
+        """One handshake step, where it belongs: in a worker thread while it may sign and
+        the token is not measured fast (pace.py), on the event loop otherwise."""
+        if not self._signed and self._connection.get_finished() is None:
+            if PACE.inline_allowed():
+                # The token is fast: sign here, under the same limiter (it sizes the
+                # token's session pool), if a session is free at once.
+                try:
+                    self._sign_limiter.acquire_on_behalf_of_nowait(self)
+                except trio.WouldBlock:
+                    pass
+                else:
+                    PACE.inline_step(running=True)
+                    try:
+                        return self._handshake_step()
+                    finally:
+                        PACE.inline_step(running=False)
+                        self._sign_limiter.release_on_behalf_of(self)
+            return await trio.to_thread.run_sync(self._handshake_step, limiter=self._sign_limiter)
+        # The token has signed for this handshake, or our Finished is out (TLS 1.3, or a
+        # resumed 1.2 session): nothing left can sign, so no thread hop.
+        return self._handshake_step()
 
     async def do_handshake(self) -> TLSInfo:
         """Complete the server handshake; the caller bounds it with a timeout."""
@@ -249,25 +279,21 @@ class TLSStream(trio.abc.HalfCloseableStream, HandshakeObserver):
                 f"token busy: {self._max_waiting} handshakes already wait for a session; "
                 "refused at once"
             )
+        await self._run_handshake()
+        self._handshake_done = True
+        self.info = self._settled()
+        return self.info
+
+    async def _run_handshake(self) -> None:
         while True:
             seen = self._incoming_count
-            if self._connection.get_finished() is None:
-                # Steps up to the one that signed run under the token's limiter; once the
-                # signature is made, the rest of the handshake (reading the client's flight)
-                # no longer waits behind handshakes that queue for the token.
-                outcome = await trio.to_thread.run_sync(
-                    self._handshake_step, limiter=None if self._signed else self._sign_limiter
-                )
-            else:
-                # Our Finished is out (TLS 1.3, or a resumed 1.2 session): what is left
-                # (the client's Finished, session tickets) never signs, so no thread hop.
-                outcome = self._handshake_step()
+            outcome = await self._step()
             try:
                 await self._flush()  # the server flight, or an alert explaining a failure
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise TLSError("the client went away during the handshake") from exc
             if outcome is None:
-                break
+                return
             if outcome != "want-read":
                 raise TLSError(f"TLS handshake failed: {outcome}")
             try:
@@ -276,12 +302,14 @@ class TLSStream(trio.abc.HalfCloseableStream, HandshakeObserver):
                 raise TLSError("the client went away during the handshake") from exc
             if not more:
                 raise TLSError("the client closed the connection during the handshake")
-        self._handshake_done = True
+
+    def _settled(self) -> TLSInfo:
+        """What the finished handshake settled."""
         alpn = self._connection.get_alpn_proto_negotiated()
         server_name = self._connection.get_servername()
         policy, identity = admitted_client(self._connection)
         ssl = ssl_of(self._connection)
-        self.info = TLSInfo(
+        return TLSInfo(
             version=self._connection.get_protocol_version_name(),
             cipher=self._connection.get_cipher_name() or "",
             alpn=alpn.decode("ascii") if alpn else None,
@@ -292,7 +320,6 @@ class TLSStream(trio.abc.HalfCloseableStream, HandshakeObserver):
             client_identity=identity,
             context=self._connection.get_context(),
         )
-        return self.info
 
     # -- trio.abc.Stream -----------------------------------------------------------------
 
@@ -383,6 +410,9 @@ class TLSStream(trio.abc.HalfCloseableStream, HandshakeObserver):
         if self._eof_sent:
             return
         self._eof_sent = True
+        await self._send_close_notify()
+
+    async def _send_close_notify(self) -> None:
         with suppress(SSL.Error):
             self._connection.shutdown()
         await self._flush()
@@ -398,10 +428,8 @@ class TLSStream(trio.abc.HalfCloseableStream, HandshakeObserver):
             try:
                 if mode is not CloseMode.ABORT and self._handshake_done and not self._eof_sent:
                     self._eof_sent = True
-                    with suppress(SSL.Error):
-                        self._connection.shutdown()
                     with trio.move_on_after(1):
-                        await self._flush()
+                        await self._send_close_notify()
                 if mode is CloseMode.LINGER and isinstance(
                     self.transport, trio.abc.HalfCloseableStream
                 ):
