@@ -144,3 +144,27 @@ def test_flood_guard_counts_per_window() -> None:
 )
 def test_h2_errors_get_a_kind(error: ProtocolError, kind: str) -> None:
     assert error_kind(error) == kind
+
+
+def test_metrics_per_protocol_and_http2_counters() -> None:
+    from prometheus_client import generate_latest
+
+    from proxy.ops.admin import Metrics
+
+    metrics = Metrics()
+    metrics.request_answered(200)  # HTTP/1.1, as the HTTP/1.1 handler calls it
+    metrics.request_answered(404, "h2")
+    metrics.http2_reset(sent=True)
+    metrics.http2_reset(sent=False)
+    metrics.http2_reset(sent=False)
+    metrics.http2_protocol_error("rapid_reset")
+    metrics.http2_streams_active.inc()
+    text = generate_latest(metrics.registry).decode()
+    assert 'hsm_proxy_requests_total{status_class="2xx"} 1.0' in text  # the old name stays
+    assert 'hsm_proxy_requests_total{status_class="4xx"} 1.0' in text
+    assert 'hsm_proxy_protocol_requests_total{protocol="http/1.1"} 1.0' in text
+    assert 'hsm_proxy_protocol_requests_total{protocol="h2"} 1.0' in text
+    assert 'hsm_proxy_http2_resets_total{direction="sent"} 1.0' in text
+    assert 'hsm_proxy_http2_resets_total{direction="received"} 2.0' in text
+    assert 'hsm_proxy_http2_protocol_errors_total{kind="rapid_reset"} 1.0' in text
+    assert "hsm_proxy_http2_streams_active 1.0" in text
