@@ -70,6 +70,8 @@ class SocketTransport(Protocol):
 
     async def wait_until_writable(self) -> None: ...
 
+    def readable_now(self) -> bool: ...
+
 
 class SocketTLSStream(TLSStream):
     """A server-side TLS stream whose OpenSSL reads and writes the transport's socket."""
@@ -126,6 +128,13 @@ class SocketTLSStream(TLSStream):
     # -- handshake ---------------------------------------------------------------------------
 
     async def _run_handshake(self) -> None:
+        if not self._socket.readable_now():
+            # The client speaks first: a step before its hello arrives would only learn
+            # "want read", at the price of a thread hop while the token is not measured fast.
+            try:
+                await self._socket.wait_until_readable()
+            except trio.ClosedResourceError as exc:
+                raise TLSError("the client went away during the handshake") from exc
         while True:
             if self._socket.closed:
                 raise TLSError("the client went away during the handshake")
@@ -236,6 +245,9 @@ class SocketTLSStream(TLSStream):
             self._send_lock.release()
 
 
+_ON_SOCKET: dict[type, bool] = {}
+
+
 def open_tls_stream(
     transport: trio.abc.Stream,
     context: SSL.Context,
@@ -245,7 +257,11 @@ def open_tls_stream(
 ) -> TLSStream:
     """A server-side TLS stream over ``transport``: OpenSSL on its socket when it has one
     (:class:`SocketTransport`), memory BIOs otherwise."""
-    cls: Any = SocketTLSStream if isinstance(transport, SocketTransport) else TLSStream
+    kind = type(transport)
+    on_socket = _ON_SOCKET.get(kind)
+    if on_socket is None:  # a runtime Protocol check is slow: once per transport type
+        on_socket = _ON_SOCKET[kind] = isinstance(transport, SocketTransport)
+    cls: Any = SocketTLSStream if on_socket else TLSStream
     stream: TLSStream = cls(
         transport, context, sign_limiter, on_server_name=on_server_name, max_waiting=max_waiting
     )
