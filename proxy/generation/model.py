@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from proxy.config import ProxyConfig, SiteConfig, UpstreamGroup
 from proxy.pkcs11.token import Token, TokenKey
 from proxy.tls.certificates import Chain
+from proxy.tls.context import SNIRouter
 from proxy.tls.tickets import TicketKey
 
 if TYPE_CHECKING:  # only tls/ touches OpenSSL; this is a type name
@@ -70,6 +71,18 @@ class Generation:
             if site.ssl_context is context:
                 return self.config.site_upstream(site.settings)
         return self.config.site_upstream(None)
+
+    def context_for_name(self, name: str) -> SSL.Context:
+        """The context a handshake naming ``name`` (SNI) is served by: a site's, or the
+        default one. An HTTP/2 connection may be reused for another name its certificate
+        covers (RFC 9113, 9.1.1); a request for a name another context serves is
+        misdirected."""
+        router = self.ssl_context.get_app_data()
+        if isinstance(router, SNIRouter):
+            chosen = router.pick(name)
+            if chosen is not None:
+                return chosen
+        return self.ssl_context
 
     def chains(self) -> list[Chain]:
         return [self.chain, *(site.chain for site in self.sites)]

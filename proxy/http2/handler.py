@@ -480,9 +480,25 @@ class _Connection:
                 return
             self.flush()
 
+    def misdirected(self, head: RequestHead) -> bool:
+        """A request for a name that another certificate serves (a client reusing this
+        connection for it): 421, RFC 9110, 15.5.20."""
+        if not self.client.generation.sites:
+            return False
+        host = head.authority or next((v for n, v in head.fields if n == b"host"), None)
+        if not host:
+            return False
+        name = host.decode("ascii", "replace")
+        name = name[1 : name.find("]")] if name.startswith("[") else name.rpartition(":")[0] or name
+        generation = self.client.generation
+        return generation.context_for_name(name) is not self.client.tls.context
+
     async def forward(
         self, stream: _Stream, head: RequestHead, log_fields: dict[str, object]
     ) -> None:
+        if self.misdirected(head):
+            await self.send_error(stream, 421, log_fields)
+            return
         try:
             prepared = prepare(
                 head.method,

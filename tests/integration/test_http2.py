@@ -20,7 +20,7 @@ import pytest
 import trustme
 from hyperframe.frame import GoAwayFrame, PingFrame, RstStreamFrame
 
-from tests.support import HSM, ProxyFactory, ProxyProcess, RecordingUpstream
+from tests.support import HSM, ProxyFactory, ProxyProcess, RecordingUpstream, issue_chain
 from tests.support.h2raw import NO_ERROR, REFUSED_STREAM, RawH2, request
 from tests.support.http import ScriptedUpstream, respond, streaming_handler, write_ca
 
@@ -330,3 +330,27 @@ def test_a_client_goaway_lets_its_open_streams_finish(
         release.set()
         proxy.stop()
         backend.stop()
+
+
+def test_a_request_for_a_name_another_certificate_serves_gets_421(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    """A client may reuse an HTTP/2 connection for any name its certificate covers (RFC
+    9113, 9.1.1); a request naming a host that another [[tls.sni]] site serves, with its
+    own certificate, client rules and upstream, is misdirected (421) and not forwarded."""
+    other = tmp_path / "chain-other.pem"
+    other.write_bytes(issue_chain(ca, hsm.public_keys["ec384"], ("other.test",)))
+    site = f'\n[[tls.sni]]\ncertificate = "{other}"\nkey = "{hsm.uri("ec384")}"\n'
+    proxy = ProxyProcess.start(tmp_path, hsm, ca, upstream.url, "ec256", extra=site)
+    try:
+        with RawH2(proxy.port, ca) as client:  # SNI localhost: the default certificate
+            client.send(client.headers(1, request("/elsewhere", authority="other.test")))
+            head, body = client.response(1)
+            assert head[b":status"] == b"421"
+            assert body == b"421 Misdirected Request\n"
+            client.send(client.headers(3, request("/here", authority=f"localhost:{proxy.port}")))
+            head, _ = client.response(3)
+            assert head[b":status"] == b"200"
+        assert [seen.path for seen in upstream.requests] == ["/here"]
+    finally:
+        proxy.stop()
