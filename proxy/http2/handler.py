@@ -386,7 +386,10 @@ class _Connection:
             self.window_opened(0)  # a new initial window size changes every stream's window
         elif kind is ConnectionTerminated:
             assert isinstance(event, ConnectionTerminated)
-            if event.error_code != ErrorCodes.NO_ERROR or not self.streams:
+            if event.error_code != ErrorCodes.NO_ERROR:
+                return False  # the client gave up on the connection: so do we
+            if not self.streams:
+                self.close_connection(ErrorCodes.NO_ERROR)  # GOAWAY for GOAWAY, then close
                 return False
             # A client's graceful GOAWAY (h2load at the end of its run, a browser leaving):
             # RFC 9113, 6.8 lets the streams it opened finish. h2 takes any GOAWAY as the
