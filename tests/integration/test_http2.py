@@ -23,6 +23,7 @@ from hyperframe.frame import GoAwayFrame, PingFrame, RstStreamFrame
 from tests.support import HSM, ProxyFactory, ProxyProcess, RecordingUpstream, issue_chain
 from tests.support.h2raw import NO_ERROR, REFUSED_STREAM, RawH2, request
 from tests.support.http import ScriptedUpstream, respond, streaming_handler, write_ca
+from tests.support.tcp import closed_port
 
 
 def _trusting(ca: trustme.CA) -> ssl.SSLContext:
@@ -50,6 +51,8 @@ def test_curl_speaks_http2_through_the_proxy(
             str(write_ca(ca, tmp_path)),
             "-H",
             "X-Forwarded-For: 203.0.113.9",
+            "-H",
+            "X-Client-Cert-Subject: CN=forged",
             "-w",
             "\n%{http_version} %{http_code}",
             f"{proxy.url}/h2/curl?x=1",
@@ -68,6 +71,7 @@ def test_curl_speaks_http2_through_the_proxy(
     assert headers["host"] == f"localhost:{proxy.port}"  # from :authority
     assert headers["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
     assert headers["x-forwarded-proto"] == "https"
+    assert "x-client-cert-subject" not in headers  # identity headers: only the proxy's own
     access = proxy.wait_for_log(lambda entry: entry.get("path") == "/h2/curl?x=1")
     assert access["protocol"] == "HTTP/2"
     assert access["stream_id"] == 1
@@ -354,3 +358,36 @@ def test_a_request_for_a_name_another_certificate_serves_gets_421(
         assert [seen.path for seen in upstream.requests] == ["/here"]
     finally:
         proxy.stop()
+
+
+def test_http_limits_and_upstream_failures_answer_the_stream(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    """[http] limits apply per stream as they do per HTTP/1.1 request (413, 431), nothing
+    of a refused request reaches the upstream, and the connection serves on; an
+    unreachable upstream is a 502 on its stream."""
+    proxy = ProxyProcess.start(
+        tmp_path,
+        hsm,
+        ca,
+        upstream.url,
+        "ec256",
+        extra="\n[http]\nmax_body_bytes = 10\nmax_headers = 5\n",
+    )
+    try:
+        with httpx.Client(http2=True, http1=False, verify=_trusting(ca)) as client:
+            assert client.post(f"{proxy.url}/big", content=b"x" * 11).status_code == 413
+            many = {f"x-h{number}": "1" for number in range(6)}
+            assert client.get(f"{proxy.url}/many", headers=many).status_code == 431
+            assert client.post(f"{proxy.url}/small", content=b"x" * 10).status_code == 200
+        assert [seen.path for seen in upstream.requests] == ["/small"]
+    finally:
+        proxy.stop()
+    dead = ProxyProcess.start(tmp_path, hsm, ca, f"http://127.0.0.1:{closed_port()}", "ec256")
+    try:
+        with httpx.Client(http2=True, http1=False, verify=_trusting(ca)) as client:
+            answer = client.get(f"{dead.url}/nobody-home")
+            assert (answer.http_version, answer.status_code) == ("HTTP/2", 502)
+            assert answer.text == "502 Bad Gateway\n"
+    finally:
+        dead.stop()
