@@ -230,10 +230,10 @@ def _serve(
         holder, reread or (lambda: config), observe, on_result=report, process=process
     )
 
-    async def run_reloader() -> None:
+    async def run_reloader(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Test signatures of the generations a reload builds are audited as such.
         connection_context.set({"purpose": "reload"})
-        await reloader.run()
+        await reloader.run(task_status)
 
     def ready(addresses: list[str]) -> None:
         if pid_file is not None and status_file is not None:

@@ -243,8 +243,10 @@ class Reloader:
                 log.warning(f"file events unavailable ({exc}); file secrets are polled")
                 return
 
-    async def run(self) -> None:
-        """SIGHUP and the watchers, for the life of the server (start it in its nursery)."""
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """SIGHUP and the watchers, for the life of the server (start it in its nursery:
+        it is started once SIGHUP is caught, so that a SIGHUP never finds the process
+        with the default action, which ends it)."""
         self._remember_versions(self.holder.current.config)
         self.warn_about_expiry(self.holder.current)
         async with trio.open_nursery() as nursery:
@@ -252,5 +254,6 @@ class Reloader:
             nursery.start_soon(self._watch, "file", lambda config: config.reload.watch_interval)
             nursery.start_soon(self._watch, "aws", lambda config: config.reload.aws_poll_interval)
             with trio.open_signal_receiver(signal.SIGHUP) as signals:
+                task_status.started()
                 async for _ in signals:
                     await self.reload("SIGHUP")

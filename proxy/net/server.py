@@ -167,12 +167,14 @@ async def serve(
     listen: Address,
     on_ready: Callable[[list[str]], None],
     handle_signals: bool = True,
-    tasks: Sequence[Callable[[], Awaitable[None]]] = (),
+    tasks: Sequence[Callable[..., Awaitable[None]]] = (),
     operations: Operations | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (then drain, see the module docstring) or cancellation;
-    ``tasks`` run beside the listeners (the reloader); with ``operations.config``, the
-    admin listener and its readiness probes too."""
+    ``tasks`` run beside the listeners (the reloader), each started (``task_status``)
+    before the server reports ready: a SIGHUP sent as soon as it is ready finds the
+    reloader listening; with ``operations.config``, the admin listener and its readiness
+    probes too."""
     operations = operations or Operations()
     security = holder.current.config.security
     http1 = HTTP1Handler()  # owns the upstream pools; HTTP/2 streams use the same ones
@@ -235,7 +237,7 @@ async def serve(
                     if operations.metrics.multiprocess:
                         accepting.start_soon(_sample, operations)
                     for task in tasks:
-                        accepting.start_soon(task)
+                        await accepting.start(task)
                     if operations.config is not None:
                         accepting.start_soon(
                             partial(
