@@ -320,16 +320,23 @@ def silent_connection(port: int, source: str) -> socket.socket:
 
 
 def handshake_refused(port: int, ca: trustme.CA, source: str) -> bool:
+    """True when the proxy closed the connection before the handshake, as admission does
+    over the handshake limits; False when the request was answered. Anything else (an
+    alert, a handshake that fails another way, a request that gets no answer) fails."""
     sock = socket.socket()
     sock.settimeout(10)
     sock.bind((source, 0))
     try:
         sock.connect(("127.0.0.1", port))
-        with client_context(ca).wrap_socket(sock, server_hostname="localhost") as tls:
+        try:
+            tls = client_context(ca).wrap_socket(sock, server_hostname="localhost")
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError):
+            return True  # closed before a byte was read: no ClientHello was looked at
+        with tls:
             tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            return not tls.recv(100)
-    except (ssl.SSLError, ConnectionError):
-        return True
+            answer = tls.recv(100)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        return False
     finally:
         sock.close()
 

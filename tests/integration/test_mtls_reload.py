@@ -35,7 +35,8 @@ def test_a_server_name_with_its_own_certificate_cannot_bypass_client_auth(
     )
     web = issue_client_cert(tmp_path, client_ca, "web", common_name="web")
     for name in ("localhost", "other.localhost"):
-        assert refused(proxy.port, with_client_cert(ca, None), name), name
+        alert = refused(proxy.port, with_client_cert(ca, None), name)
+        assert alert == "TLSV13_ALERT_CERTIFICATE_REQUIRED", name
         reply = https_request(
             proxy.port, with_client_cert(ca, web), path=f"/{name}", server_name=name
         )
@@ -55,7 +56,7 @@ def test_a_new_client_ca_bundle_is_picked_up_by_a_reload(
     )
     old_client = issue_client_cert(tmp_path, old_ca, "old", common_name="web")
     new_client = issue_client_cert(tmp_path, new_ca, "new", common_name="web")
-    assert refused(proxy.port, with_client_cert(ca, new_client))
+    assert refused(proxy.port, with_client_cert(ca, new_client)) == "TLSV1_ALERT_UNKNOWN_CA"
 
     replace_file(client_ca_file, new_ca.cert_pem.bytes())
     wait_until(
@@ -63,7 +64,11 @@ def test_a_new_client_ca_bundle_is_picked_up_by_a_reload(
         what="a reload after the client CA bundle changed",
     )
     assert https_request(proxy.port, with_client_cert(ca, new_client)).status == 200
-    assert refused(proxy.port, with_client_cert(ca, old_client))
+    assert refused(proxy.port, with_client_cert(ca, old_client)) == "TLSV1_ALERT_UNKNOWN_CA"
+    refusal = proxy.wait_for_log(
+        lambda e: "CN=web': unable to get local issuer" in e.get("message", "")
+    )
+    assert refusal["message"].startswith("TLS handshake failed")
 
     # A broken bundle is refused by the reload; the proxy keeps the last good one.
     replace_file(client_ca_file, b"not a certificate\n")

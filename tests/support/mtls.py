@@ -100,10 +100,16 @@ def client_auth_table(ca_path: Path, mode: str = "require", **lists: list[str]) 
     return "\n".join(lines) + "\n"
 
 
-def refused(port: int, context: ssl.SSLContext, server_name: str = "localhost") -> bool:
-    """True when the proxy refuses the handshake (TLS 1.3 clients learn it on first read)."""
+def refused(port: int, context: ssl.SSLContext, server_name: str = "localhost") -> str | None:
+    """The TLS alert the proxy refused the handshake with, as OpenSSL names it (for example
+    ``TLSV13_ALERT_CERTIFICATE_REQUIRED``; TLS 1.3 clients learn it on first read), or None
+    when the request went through. Any other error (a reset, a timeout, a failure of the
+    client's own) is not a refusal: it fails the test."""
     try:
         https_request(port, context, path="/must-not-arrive", server_name=server_name)
-    except (ssl.SSLError, ConnectionError):
-        return True
-    return False
+    except ssl.SSLError as error:
+        reason = str(error.reason)
+        if "_ALERT_" not in reason:
+            raise AssertionError(f"not a TLS alert from the proxy: {error!r}") from error
+        return reason
+    return None
