@@ -1,5 +1,6 @@
 """Mutual TLS with the rest of the proxy: every SNI certificate enforces it, and a new
-client CA bundle or OCSP response is picked up by a reload like a certificate."""
+client CA bundle is picked up by a reload like a certificate (a new OCSP response too:
+test_tls_policy.py)."""
 
 from __future__ import annotations
 

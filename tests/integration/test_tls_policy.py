@@ -25,6 +25,7 @@ from tests.support import (
     run_cli,
     write_config,
 )
+from tests.support.reload import RELOAD_SETTINGS, replace_file
 
 
 def s_client(port: int, ca_file: Path, *options: str) -> subprocess.CompletedProcess[str]:
@@ -179,6 +180,78 @@ def test_ocsp_response_is_stapled_from_a_file(
         assert "OCSP Response Status: successful" in stapled.stdout
         assert "Cert Status: good" in stapled.stdout
         assert https_request(proxy.port, client_context(ca)).status == 200
+    finally:
+        proxy.stop()
+
+
+def next_update_stapled(port: int, ca_file: Path) -> str:
+    """The "Next Update" of the OCSP response a fresh handshake gets stapled."""
+    result = s_client(port, ca_file, "-status")
+    assert result.returncode == 0, result.stderr
+    assert "OCSP Response Status: successful" in result.stdout, result.stdout
+    return next(line for line in result.stdout.splitlines() if "Next Update:" in line).strip()
+
+
+def test_a_new_ocsp_response_is_picked_up_by_a_reload_and_a_bad_one_is_not(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, ca_file: Path, upstream: RecordingUpstream
+) -> None:
+    staple = tmp_path / "ocsp.der"
+    config = write_config(
+        tmp_path,
+        hsm,
+        ca,
+        upstream.url,
+        "ec256",
+        extra_tls=f'ocsp_response = "{staple}"\n',
+        extra=RELOAD_SETTINGS,
+    )
+    chain = tmp_path / "chain-ec256.pem"
+    staple.write_bytes(ocsp_response_for(chain, ca, next_update_days=3))
+    proxy = ProxyProcess.run_config(config, tmp_path)
+    try:
+        first = next_update_stapled(proxy.port, ca_file)
+        replace_file(staple, ocsp_response_for(chain, ca, next_update_days=5))
+        reloaded = proxy.wait_for_log(lambda e: e.get("event") == "reloaded", timeout=30)
+        assert "OCSP response" in str(reloaded["reason"])
+        second = next_update_stapled(proxy.port, ca_file)
+        assert second != first  # the new response, two days later
+        # A revoked status is refused by the reload; the last good staple stays.
+        replace_file(staple, ocsp_response_for(chain, ca, ocsp.OCSPCertStatus.REVOKED))
+        failed = proxy.wait_for_log(lambda e: e.get("event") == "reload_failed", timeout=30)
+        assert "says the certificate is revoked" in str(failed["message"])
+        assert next_update_stapled(proxy.port, ca_file) == second
+    finally:
+        proxy.stop()
+
+
+def test_an_ocsp_response_from_an_aws_secret_is_stapled_and_rotated(
+    moto: str, tmp_path: Path, hsm: HSM, ca: trustme.CA, ca_file: Path, upstream: RecordingUpstream
+) -> None:
+    import boto3
+
+    client = boto3.client("secretsmanager", endpoint_url=moto, region_name="eu-west-1")
+    config = write_config(
+        tmp_path,
+        hsm,
+        ca,
+        upstream.url,
+        "ec256",
+        extra_tls='ocsp_response = "aws-sm:proxy/ocsp"\n',
+        extra=f'{RELOAD_SETTINGS}\n[aws]\nendpoint_url = "{moto}"\nregion = "eu-west-1"\n',
+    )
+    chain = tmp_path / "chain-ec256.pem"
+    client.create_secret(
+        Name="proxy/ocsp", SecretBinary=ocsp_response_for(chain, ca, next_update_days=3)
+    )
+    proxy = ProxyProcess.run_config(config, tmp_path)
+    try:
+        first = next_update_stapled(proxy.port, ca_file)
+        client.put_secret_value(
+            SecretId="proxy/ocsp", SecretBinary=ocsp_response_for(chain, ca, next_update_days=5)
+        )
+        reloaded = proxy.wait_for_log(lambda e: e.get("event") == "reloaded", timeout=30)
+        assert "'proxy/ocsp' changed" in str(reloaded["reason"])
+        assert next_update_stapled(proxy.port, ca_file) != first
     finally:
         proxy.stop()
 
