@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import ssl
 import subprocess
@@ -142,6 +143,60 @@ def test_ticket_key_rotation_keeps_the_previous_key_for_decryption(
     assert proxy.signatures() == signatures
     reused, _ = resume(proxy.port, context, new_session)
     assert reused  # the renewed ticket, under the new key
+
+
+def test_a_fleet_rotates_its_ticket_key_in_two_steps_without_losing_a_resumption(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA, upstream: RecordingUpstream
+) -> None:
+    """The rotation the README describes for several proxies sharing tickets: first every
+    proxy gets the new key second (decrypts only), then one by one it moves first
+    (encrypts). At every point in between, a ticket either proxy issued resumes on the
+    other, with no token signature."""
+    old_key, new_key = tmp_path / "old.key", tmp_path / "new.key"
+    old_key.write_bytes(secrets.token_bytes(80))
+    new_key.write_bytes(secrets.token_bytes(80))
+
+    def keys(*files: Path) -> str:
+        return f"session_ticket_keys = {[str(file) for file in files]!r}\n"
+
+    fleet: dict[str, tuple[ProxyProcess, Path]] = {}
+    for name in ("a", "b"):
+        config = _basic(tmp_path / name, hsm, ca, upstream, keys(old_key))
+        fleet[name] = (launch(tmp_path / name, config), config)
+    context = client_context(ca, ssl.TLSVersion.TLSv1_2)
+
+    def rotate(name: str, *files: Path) -> None:
+        proxy, config = fleet[name]
+        before = len([e for e in proxy.lines() if e.get("event") == "reloaded"])
+        lines = config.read_text().splitlines(keepends=True)
+        config.write_text(
+            "".join(
+                keys(*files) if line.startswith("session_ticket_keys") else line for line in lines
+            )
+        )
+        os.kill(proxy.process.pid, signal.SIGHUP)
+        wait_until(
+            lambda: len([e for e in proxy.lines() if e.get("event") == "reloaded"]) > before,
+            what=f"{name}'s reload",
+        )
+
+    def resumes_across() -> None:
+        for issuer, other in (("a", "b"), ("b", "a")):
+            _, session = resume(fleet[issuer][0].port, context)
+            signatures = fleet[other][0].signatures()
+            reused, _ = resume(fleet[other][0].port, context, session)
+            assert reused, f"a ticket from {issuer} did not resume on {other}"
+            assert fleet[other][0].signatures() == signatures
+
+    resumes_across()
+    rotate("a", old_key, new_key)  # step 1: the new key second, everywhere
+    resumes_across()
+    rotate("b", old_key, new_key)
+    resumes_across()
+    rotate("a", new_key, old_key)  # step 2: the new key first, one proxy at a time
+    resumes_across()  # a's tickets (new key) resume on b, which has it second
+    rotate("b", new_key, old_key)
+    resumes_across()
 
 
 # --- several certificates by SNI -----------------------------------------------------------
