@@ -27,6 +27,7 @@ with the status the client should get.
 from __future__ import annotations
 
 import h11
+import trio
 
 from proxy.config import HTTPConfig
 from proxy.http.rules import (
@@ -40,6 +41,7 @@ from proxy.http.rules import (
 )
 from proxy.http.target import TargetError, parse_target
 from proxy.http.upstream import Routing, UpstreamConnection, UpstreamFailure, UpstreamPool
+from proxy.tls.stream import LINGER_SECONDS
 
 Field = tuple[bytes, bytes]
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -227,6 +229,23 @@ class UpstreamCall:
                 f"upstream {self.where} sent {type(event).__name__} first", 502, kind="protocol"
             )
         return event.status_code, response_fields(event)
+
+    async def early_response(self) -> tuple[int, list[Field]] | None:
+        """A response the upstream sent before it stopped taking the request (a 413 or
+        401 from the head alone), if any, within a short wait."""
+        connection = self._connection
+        if connection is None or not connection.may_answer_early:
+            return None
+        try:
+            with trio.move_on_after(LINGER_SECONDS):
+                event = await connection.next_event()
+                while isinstance(event, h11.InformationalResponse):
+                    event = await connection.next_event()
+                if isinstance(event, h11.Response):
+                    return event.status_code, response_fields(event)
+        except UpstreamFailure:
+            return None
+        return None
 
     def _received(self) -> bool:
         return self._connection is not None and self._connection.bytes_received > 0

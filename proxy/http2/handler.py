@@ -518,9 +518,22 @@ class _Connection:
             return
         call = UpstreamCall(prepared)
         log_fields["upstream"] = call.where
+        early = False
         try:
-            await self.send_request(stream, head, call)
-            status, fields = await call.response()
+            try:
+                await self.send_request(stream, head, call)
+            except UpstreamFailure:
+                # The upstream may have answered (413, 401 ...) and closed before it took
+                # the whole body: relay its answer, as over HTTP/1.1; the rest is unwanted.
+                answer = await call.early_response()
+                if answer is None:
+                    raise
+                status, fields = answer
+                early = True
+                stream.reading = False
+                self.release_body(stream)
+            else:
+                status, fields = await call.response()
             log_fields["status"] = status
             log_fields["upstream"] = call.where
             await self.relay_response(stream, call, status, fields, log_fields)
@@ -549,6 +562,11 @@ class _Connection:
         except BaseException:
             call.abort()  # reset by the client, or the connection ended
             raise
+        if early:
+            call.abort()  # the upstream closed it
+            if not stream.ended:
+                self.send_reset(stream.id, ErrorCodes.NO_ERROR)  # RFC 9113, 8.1
+            return
         await call.release()
 
     async def send_request(self, stream: _Stream, head: RequestHead, call: UpstreamCall) -> None:

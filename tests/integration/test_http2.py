@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trustme
-from hyperframe.frame import GoAwayFrame, PingFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, PingFrame, RstStreamFrame, WindowUpdateFrame
 
 from tests.support import HSM, ProxyFactory, ProxyProcess, RecordingUpstream, issue_chain
 from tests.support.h2raw import NO_ERROR, REFUSED_STREAM, RawH2, request
@@ -391,3 +391,60 @@ def test_http_limits_and_upstream_failures_answer_the_stream(
             assert answer.text == "502 Bad Gateway\n"
     finally:
         dead.stop()
+
+
+def _refusing_handler(sock: socket.socket, server: ScriptedUpstream) -> None:
+    """Answers 413 from the head alone and closes, without reading the body."""
+    if server.read_head(sock, bytearray()) is not None:
+        respond(sock, 413, b"too big for me", extra="Connection: close\r\n")
+
+
+def test_an_upstream_answer_before_the_whole_upload_is_relayed(
+    tmp_path: Path, hsm: HSM, ca: trustme.CA
+) -> None:
+    """An upstream that answers (413) from the head and closes while the body is still
+    coming: the client gets that answer, not a 502, and the rest of its body is refused
+    with RST_STREAM(NO_ERROR) (RFC 9113, 8.1)."""
+    backend = ScriptedUpstream(_refusing_handler)
+    proxy = ProxyProcess.start(tmp_path, hsm, ca, backend.url, "ec256")
+    size = 64 << 20
+    try:
+        with RawH2(proxy.port, ca) as client:
+            client.send(
+                client.headers(
+                    1, [*request("/upload", "POST"), (b"content-length", b"%d" % size)], False
+                )
+            )
+            windows = {0: 65535, 1: 65535}
+            sent = 0
+            while 1 not in client.heads:  # until the answer's HEADERS frame
+                room = min(windows[0], windows[1], size - sent)
+                if room > 0:
+                    client.send(
+                        *(
+                            client.data(1, b"u" * min(16384, room - at))
+                            for at in range(0, room, 16384)
+                        )
+                    )
+                    sent += room
+                    windows[0] -= room
+                    windows[1] -= room
+                frame = client.next_frame()
+                assert frame is not None
+                if isinstance(frame, WindowUpdateFrame):
+                    windows[frame.stream_id] += frame.window_increment
+            assert client.heads[1][0][b":status"] == b"413"
+            body = b""
+            while True:
+                frame = client.next_frame()
+                assert frame is not None
+                if isinstance(frame, DataFrame) and frame.stream_id == 1:
+                    body += frame.data
+                if isinstance(frame, RstStreamFrame) and frame.stream_id == 1:
+                    assert frame.error_code == NO_ERROR
+                    break
+            assert body == b"too big for me"
+            assert sent < size
+    finally:
+        proxy.stop()
+        backend.stop()
