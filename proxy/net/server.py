@@ -14,8 +14,9 @@ serves the one TCP admin address), and samples its on-demand gauges once a secon
 the shared metrics files (ops/admin.py).
 
 Shutdown: SIGTERM or SIGINT closes the listeners, cancels the waits of idle connections
-(``ServerState.drain``), lets in-flight work finish (HTTP answers with ``Connection:
-close``, TCP tunnels keep relaying) for ``http.shutdown_grace`` seconds, then cancels
+(``ServerState.drain``), lets in-flight work finish (HTTP/1.1 answers with
+``Connection: close``, HTTP/2 connections send GOAWAY and finish the streams they took,
+TCP tunnels keep relaying) for ``http.shutdown_grace`` seconds, then cancels
 what is left; a second signal stops at once.
 """
 
