@@ -10,7 +10,11 @@ import ssl
 import trio
 import trio.testing
 import trustme
+from OpenSSL import SSL
 
+from proxy.net.sockets import TCPStream
+from proxy.tls.pace import PACE, SigningPace
+from proxy.tls.socketstream import open_tls_stream
 from proxy.tls.stream import TLSStream
 from tests.support import ProxyFactory, RecordingUpstream
 
@@ -54,6 +58,48 @@ def test_one_large_send_arrives_whole_while_the_peer_talks(server_context, ca: t
         assert bytes(heard) == question
 
     trio.run(main)
+
+
+def test_a_fast_token_signs_on_the_event_loop_after_one_probe(
+    server_context: tuple[SSL.Context, object], ca: trustme.CA
+) -> None:
+    """With the real token key: the first handshakes sign in worker threads; then one
+    probe signs on the event loop, the key bridge reports the signature from the loop's
+    thread, and inline signing is on (pace.py's rule, end to end)."""
+    context, _token = server_context
+    saved = dict(vars(PACE))
+    # A generous limit: the test is about the mechanism, not about this busy machine's speed.
+    SigningPace.__init__(PACE, inline_limit=1.0, first_probe_after=2)
+    client_ssl = ssl.create_default_context()
+    ca.configure_trust(client_ssl)
+
+    async def handshake() -> None:
+        client_end, server_end = socket.socketpair()
+        client = trio.SSLStream(
+            trio.SocketStream(trio.socket.from_stdlib_socket(client_end)),
+            client_ssl,
+            server_hostname="localhost",
+        )
+        server = open_tls_stream(TCPStream(server_end), context, trio.CapacityLimiter(2))
+        with trio.fail_after(30):  # a guard against a hang
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.do_handshake)
+                await server.do_handshake()
+        await server.aclose()
+        await client.transport_stream.aclose()
+
+    async def main() -> None:
+        await handshake()
+        assert not PACE.inline  # timed in a worker thread: no measure of the token
+        await handshake()  # the probe
+        assert PACE.inline
+        await handshake()
+        assert PACE.inline
+
+    try:
+        trio.run(main)
+    finally:
+        vars(PACE).update(saved)
 
 
 def _get(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None) -> ssl.SSLSocket:
