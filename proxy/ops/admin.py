@@ -557,6 +557,30 @@ class Operations:
         )
 
 
+AdminAnswer = tuple[int, list[tuple[str, str]], bytes]
+_TEXT = ("content-type", "text/plain; charset=utf-8")
+
+
+def common_answer(method: str, target: str) -> tuple[str, AdminAnswer | None]:
+    """The path asked for, and the answer when every admin endpoint gives the same one
+    (an unknown path, a method other than GET and HEAD, ``/healthz``); None for
+    ``/readyz`` and ``/metrics``, which are the endpoint's own."""
+    path = target.split("?", 1)[0]
+    if path not in ("/healthz", "/readyz", "/metrics"):
+        return path, (404, [_TEXT], b"not found; try /healthz, /readyz or /metrics\n")
+    if method not in ("GET", "HEAD"):
+        return path, (405, [_TEXT, ("allow", "GET, HEAD")], b"method not allowed\n")
+    if path == "/healthz":
+        return path, (200, [_TEXT], b"ok\n")
+    return path, None
+
+
+def readiness_answer(ready: bool, lines: Sequence[str]) -> AdminAnswer:
+    """``/readyz``: 200 or 503, "ready" or "not ready", then one line per check."""
+    body = "\n".join(["ready" if ready else "not ready", *lines]) + "\n"
+    return (200 if ready else 503), [_TEXT], body.encode()
+
+
 class AdminEndpoint:
     """The admin HTTP answers, sans-IO: (method, target) in, (status, headers, body) out."""
 
@@ -564,23 +588,19 @@ class AdminEndpoint:
         self.metrics = metrics
         self.readiness = readiness
 
-    def respond(self, method: str, target: str) -> tuple[int, list[tuple[str, str]], bytes]:
-        path = target.split("?", 1)[0]
-        text = [("content-type", "text/plain; charset=utf-8")]
-        if path not in ("/healthz", "/readyz", "/metrics"):
-            return 404, text, b"not found; try /healthz, /readyz or /metrics\n"
-        if method not in ("GET", "HEAD"):
-            return 405, [*text, ("allow", "GET, HEAD")], b"method not allowed\n"
-        if path == "/healthz":
-            return 200, text, b"ok\n"
+    def respond(self, method: str, target: str) -> AdminAnswer:
+        path, answer = common_answer(method, target)
+        if answer is not None:
+            return answer
         if path == "/readyz":
             results = self.readiness.checks()
             ready = all(result.ok for result in results)
             self.metrics.ready.set(1 if ready else 0)
-            lines = [
-                f"{'ok' if result.ok else 'FAIL'} {result.name}: {result.detail}"
-                for result in results
-            ]
-            body = ("\n".join([("ready" if ready else "not ready"), *lines]) + "\n").encode()
-            return (200 if ready else 503), text, body
+            return readiness_answer(
+                ready,
+                [
+                    f"{'ok' if result.ok else 'FAIL'} {result.name}: {result.detail}"
+                    for result in results
+                ],
+            )
         return 200, [("content-type", CONTENT_TYPE_LATEST)], generate_latest(self.metrics.registry)

@@ -35,7 +35,13 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from proxy.ops.admin import EXPIRY_METRIC, READY_METRIC
+from proxy.ops.admin import (
+    EXPIRY_METRIC,
+    READY_METRIC,
+    AdminAnswer,
+    common_answer,
+    readiness_answer,
+)
 
 
 @dataclass(frozen=True)
@@ -105,21 +111,15 @@ class FleetEndpoint:
 
     def respond(
         self, method: str, target: str, answers: Sequence[WorkerAnswer] = ()
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        path = target.split("?", 1)[0]
-        text = [("content-type", "text/plain; charset=utf-8")]
-        if path not in ("/healthz", "/readyz", "/metrics"):
-            return 404, text, b"not found; try /healthz, /readyz or /metrics\n"
-        if method not in ("GET", "HEAD"):
-            return 405, [*text, ("allow", "GET, HEAD")], b"method not allowed\n"
-        if path == "/healthz":
-            return 200, text, b"ok\n"
+    ) -> AdminAnswer:
+        path, answer = common_answer(method, target)
+        if answer is not None:
+            return answer
         if path == "/metrics":
             return 200, [("content-type", CONTENT_TYPE_LATEST)], self.metrics.render()
         ready, lines = self._readiness(answers)
         self.metrics.ready.set(1 if ready else 0)
-        body = "\n".join(["ready" if ready else "not ready", *lines]) + "\n"
-        return (200 if ready else 503), text, body.encode()
+        return readiness_answer(ready, lines)
 
     def _readiness(self, answers: Sequence[WorkerAnswer]) -> tuple[bool, list[str]]:
         lines = []
