@@ -146,6 +146,8 @@ class _Exchange:
         self.answering_head = False
         # The chunk sizes of the request body being read, when it is chunked (rules.py).
         self.chunks: ChunkSizes | None = None
+        # The access line's fields that stay the same for the connection, once known.
+        self.access_fields: dict[str, object] | None = None
 
     async def _receive(self) -> bytes:
         try:
@@ -416,9 +418,7 @@ async def _forward(
     )
     pool = routing.pools[chosen]
     try:
-        outgoing = upstream_request(
-            request, exchange.client, pool.group.servers[0].authority, head, target
-        )
+        outgoing = upstream_request(request, exchange.client, pool.authority, head, target)
     except h11.LocalProtocolError:
         # A Host the proxy cannot repeat in the headers it adds (a control character, which
         # h11 lets through in a field value): the request is malformed, not a proxy failure.
@@ -437,7 +437,7 @@ async def _forward(
     where = exchange.upstream_name = pool.group.name
     try:
         upstream, reused = await pool.acquire()
-        where = str(upstream.config)
+        where = upstream.label
         replay: list[h11.Event] = []
         while True:
             try:
@@ -466,7 +466,7 @@ async def _forward(
                 upstream = None
                 upstream = await pool.connect()
                 reused = False
-                where = str(upstream.config)
+                where = upstream.label
         while isinstance(event, h11.InformationalResponse):
             if event.status_code == 101 and upgrade:
                 await exchange.send(switching_response(event))
@@ -489,7 +489,9 @@ async def _forward(
                     pending = []
                 await upstream.receive_more()
             elif isinstance(piece, h11.Data):
-                pending.append(exchange.h11.send(piece) or b"")
+                # The body bytes as h11 framed them, not joined: the one join before the
+                # send is the only copy on the way to OpenSSL.
+                pending.extend(exchange.h11.send_with_data_passthrough(piece) or ())
             elif isinstance(piece, h11.EndOfMessage):
                 pending.append(exchange.h11.send(h11.EndOfMessage()) or b"")
                 await exchange.send_raw(b"".join(pending))
@@ -532,23 +534,26 @@ def _access(
 ) -> None:
     if exchange.metrics is not None:
         exchange.metrics.request_answered(status)
-    info_line(
-        access_log,
-        "request",
-        {
+    connection = exchange.access_fields
+    if connection is None:  # the fields every access line of this connection repeats
+        connection = exchange.access_fields = {
             "connection_id": (connection_context.get() or {}).get("connection_id"),
             "client": exchange.client.address,
             "sni": exchange.client.server_name,
             "tls_version": exchange.tls_info.version,
-            "method": request.method.decode("ascii", "replace") if request else "-",
-            "path": request.target.decode("ascii", "replace") if request else "-",
-            "status": status,
-            "bytes_sent": exchange.bytes_sent - sent_before,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            "upstream": where,
-            **_client_cert_field(exchange.tls_info),
-        },
-    )
+        }
+    fields = {
+        **connection,
+        "method": request.method.decode("ascii", "replace") if request else "-",
+        "path": request.target.decode("ascii", "replace") if request else "-",
+        "status": status,
+        "bytes_sent": exchange.bytes_sent - sent_before,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        "upstream": where,
+    }
+    if exchange.tls_info.client_auth:
+        fields.update(_client_cert_field(exchange.tls_info))
+    info_line(access_log, "request", fields)
 
 
 async def _serve_http(exchange: _Exchange, routing: Routing, state: ServerState) -> None:

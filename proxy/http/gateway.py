@@ -113,7 +113,7 @@ def prepare(
     )
     pool = routing.pools[chosen]
     try:
-        outgoing = upstream_request(request, client, pool.group.servers[0].authority, head, parsed)
+        outgoing = upstream_request(request, client, pool.authority, head, parsed)
     except h11.LocalProtocolError as exc:
         raise Refused(400, str(exc)) from None
     return Prepared(outgoing, pool, has_body, chunked)
@@ -154,7 +154,7 @@ class UpstreamCall:
         else:
             connection, self._reused = await pool.acquire()
         self._connection = connection
-        self.where = str(connection.config)
+        self.where = connection.label
         return connection
 
     async def send_head(

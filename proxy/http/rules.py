@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import h11
@@ -89,6 +90,20 @@ class ClientInfo:
     identity: ClientIdentity | None = None  # the verified client certificate (mTLS)
     client_auth: bool = False  # the listener asks for client certificates (mTLS)
     forwarded: bool = False  # also send RFC 7239 Forwarded (http.forwarded)
+
+    # What every request of the connection adds the same way, built and checked once per
+    # connection rather than once per request.
+    @cached_property
+    def address_value(self) -> bytes:
+        return self.address.encode("ascii")
+
+    @cached_property
+    def identity_fields(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The ``X-Client-Cert-*`` headers (clientauth.identity_headers) when the listener
+        asks for client certificates, else none."""
+        if not (self.client_auth or self.identity is not None):
+            return ()
+        return tuple(_checked(list(identity_headers(self.identity))))
 
 
 # A header as h11 parsed it: (name as sent, lowercase name, value), all bytes.
@@ -208,7 +223,7 @@ def upstream_request(
         headers[:0] = _checked([(b"Host", (client.server_name or upstream_host).encode("idna"))])
     elif authority is not None:
         headers[:0] = _checked([(b"Host", authority)])
-    forwarded_for = client.address.encode("ascii")
+    forwarded_for = client.address_value
     if b"x-forwarded-for" in head.names:
         forwarded_for = b", ".join([*head.values(b"x-forwarded-for"), forwarded_for])
     added = [(b"X-Forwarded-For", forwarded_for), (b"X-Forwarded-Proto", b"https")]
@@ -219,9 +234,8 @@ def upstream_request(
         if host is not None and b'"' not in host and b"\\" not in host:
             element += b';host="' + host + b'"'
         added.append((b"Forwarded", b", ".join([*head.values(b"forwarded"), element])))
-    if client.client_auth or client.identity is not None:
-        added.extend(identity_headers(client.identity))
     headers.extend(_checked(added))
+    headers.extend(client.identity_fields)
     if head.upgrade:
         headers.extend(head.upgrade_fields())
     if b"content-length" not in head.names and b"transfer-encoding" in head.names:

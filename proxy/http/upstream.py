@@ -68,6 +68,8 @@ class UpstreamConnection:
         self, config: UpstreamConfig, stream: TCPStream, read_timeout: float = 60.0
     ) -> None:
         self.config = config
+        # The address as logs and access lines name it, rendered once per connection.
+        self.label = str(config)
         # Every wait on the backend, to send or to receive, is bounded by the read timeout.
         stream.receive_timeout = stream.send_timeout = read_timeout
         self.stream = stream
@@ -228,14 +230,18 @@ class UpstreamPool:
     def __init__(self, group: UpstreamGroup, http: HTTPConfig) -> None:
         self.group = group
         self.http = http
-        self._idle: dict[UpstreamConfig, deque[UpstreamConnection]] = {
-            server: deque() for server in group.servers
+        # Keyed by the address object's identity (the group's own objects, kept alive by
+        # it): hashing a frozen dataclass hashes every field, twice per request.
+        self._idle: dict[int, deque[UpstreamConnection]] = {
+            id(server): deque() for server in group.servers
         }
+        # The Host a forwarded request names when the client sent none, rendered once.
+        self.authority = group.servers[0].authority
         self._balancer = Balancer(group, http.down_time)
         self.connections_opened = 0
 
     def _take_idle(self, server: UpstreamConfig) -> UpstreamConnection | None:
-        idle = self._idle[server]
+        idle = self._idle[id(server)]
         now = time.monotonic()
         while idle:
             connection = idle.pop()  # most recently used: the least likely to be stale
@@ -273,7 +279,7 @@ class UpstreamPool:
         if connection.exchange_complete:
             with suppress(h11.LocalProtocolError):
                 connection.start_next_cycle()
-        idle = self._idle.get(connection.config)
+        idle = self._idle.get(id(connection.config))
         if (
             connection.reusable
             and idle is not None

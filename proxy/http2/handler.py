@@ -71,7 +71,7 @@ from proxy.http2.guard import FloodGuard, error_kind
 from proxy.http2.messages import Malformed, RequestHead, request_head
 from proxy.net.pipeline import Client, ServerState
 from proxy.ops.admin import Metrics
-from proxy.ops.logs import access_log, connection_context, log
+from proxy.ops.logs import access_log, connection_context, info_line, log
 from proxy.tls.stream import CloseMode
 
 _RECEIVE_SIZE = 65536
@@ -733,4 +733,4 @@ class _Connection:
         if tls.client_auth:
             identity = tls.client_identity
             fields["client_cert"] = identity.subject if identity else None
-        access_log.info("request", extra={"fields": fields})
+        info_line(access_log, "request", fields)
