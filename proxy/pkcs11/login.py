@@ -35,7 +35,7 @@ import pkcs11.exceptions as p11err
 from pkcs11 import Attribute
 
 from proxy.errors import LoginError, ProxyError
-from proxy.pkcs11.module import close_session_only, select_token
+from proxy.pkcs11.module import close_session_only, patiently, select_token
 from proxy.pkcs11.uri import KeyURI, parse_key_uri
 
 LOGIN_FAILURES = (
@@ -67,7 +67,7 @@ def login_failure(exc: p11err.PKCS11Error, token_label: str) -> LoginError:
 def _log_in(token: Any, pin: str) -> Any:
     """A session that logged the process in with ``pin``; a refusal says why."""
     try:
-        return token.open(user_pin=pin)
+        return patiently(lambda: token.open(user_pin=pin))
     except p11err.PKCS11Error as exc:
         raise login_failure(exc, token.label) from None
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pkcs11._pkcs11 as _pkcs11_native
 import pkcs11.exceptions as p11err
@@ -26,6 +27,8 @@ from pkcs11 import TokenFlag
 
 from proxy.errors import ModuleLoadError, TokenError, TokenNotFoundError
 from proxy.pkcs11.uri import KeyURI
+
+T = TypeVar("T")
 
 _loaded_modules: dict[str, Any] = {}
 _module_lock = threading.Lock()
@@ -218,16 +221,7 @@ def list_tokens(module_path: str) -> list[tuple[int, str, str]]:
     ]
 
 
-def select_token(module_path: str, uri: KeyURI) -> Any:
-    try:
-        return _select_token_unguarded(module_path, uri)
-    except p11err.PKCS11Error as exc:
-        raise TokenError(
-            f"cannot look for the token {uri} in {module_path}: {type(exc).__name__}"
-        ) from None
-
-
-def _select_token_unguarded(module_path: str, uri: KeyURI) -> Any:
+def _matching_tokens(module_path: str, uri: KeyURI) -> list[Any]:
     matches = []
     for token in _initialized_tokens(load_module(module_path), uri.slot_id):
         if uri.token is not None and token.label != uri.token:
@@ -239,12 +233,65 @@ def _select_token_unguarded(module_path: str, uri: KeyURI) -> Any:
         if uri.model is not None and token.model != uri.model:
             continue
         matches.append(token)
+    return matches
+
+
+# A search that fails or finds nothing, or a login that fails with CKR_GENERAL_ERROR, is
+# made again up to this many times in all, the pause doubling from _RETRY_PAUSE: about
+# 0.75 s (see select_token).
+_ATTEMPTS = 5
+_RETRY_PAUSE = 0.05
+
+
+def patiently(call: Callable[[], T]) -> T:
+    """``call()``, made again while it fails with CKR_GENERAL_ERROR, as another process's
+    login makes SoftHSM2's token calls fail for a moment (see :func:`select_token`)."""
+    pause = _RETRY_PAUSE
+    for _attempt in range(1, _ATTEMPTS):
+        try:
+            return call()
+        except p11err.GeneralError:
+            time.sleep(pause)
+            pause *= 2
+    return call()
+
+
+def select_token(module_path: str, uri: KeyURI) -> Any:
+    """The one initialised token that ``uri``'s token attributes name.
+
+    SoftHSM2 rewrites a token's file at every login, so while another process of this host
+    logs in (a ``--workers`` sibling reloading at the same moment, an operator's
+    pkcs11-tool), C_GetTokenInfo here can fail with CKR_GENERAL_ERROR or show no token. A
+    search that fails that way or finds nothing is therefore made again a few times before
+    its answer stands.
+    """
+    pause = _RETRY_PAUSE
+    for search in range(1, _ATTEMPTS + 1):
+        try:
+            matches = _matching_tokens(module_path, uri)
+        except p11err.GeneralError:
+            if search == _ATTEMPTS:
+                raise TokenError(
+                    f"cannot look for the token {uri} in {module_path}: GeneralError"
+                ) from None
+        except p11err.PKCS11Error as exc:
+            raise TokenError(
+                f"cannot look for the token {uri} in {module_path}: {type(exc).__name__}"
+            ) from None
+        else:
+            if matches or search == _ATTEMPTS:
+                break
+        time.sleep(pause)
+        pause *= 2
     if len(matches) == 1:
         return matches[0]
-    available = ", ".join(
-        f"slot {slot} label={label!r} serial={serial!r}"
-        for slot, label, serial in list_tokens(module_path)
-    )
+    try:
+        available = ", ".join(
+            f"slot {slot} label={label!r} serial={serial!r}"
+            for slot, label, serial in list_tokens(module_path)
+        )
+    except p11err.PKCS11Error as exc:
+        available = f"(cannot list them: {type(exc).__name__})"
     if not matches:
         raise TokenNotFoundError(
             f"no token in {module_path} matches {uri}; tokens present: {available or 'none'}"
