@@ -226,6 +226,13 @@ class Supervisor:
             process = subprocess.Popen(
                 self._command, env=env, pass_fds=(ready_fd, key_read, *listening)
             )
+        except OSError as exc:
+            as_user = f" as security.user {self._user!r}" if self._user else ""
+            raise ConfigError(
+                f"cannot start worker {number}{as_user}: {exc.strerror}: {exc.filename} "
+                "(workers are started after dropping root: that user must be able to run "
+                "the interpreter and read the installation)"
+            ) from None
         finally:
             os.close(key_read)
         log.info(

@@ -227,9 +227,22 @@ def test_the_supervisor_binds_then_drops_root_before_starting_any_worker(
 ) -> None:
     from tests.support.operating import admin_section, admin_url, get, wait_until
 
+    # Workers are started as the user: it must be able to run this interpreter and import
+    # this checkout (not so where the checkout sits in a private directory, as /root is in
+    # deploy/test-in-debian-chroot.sh).
+    reach = subprocess.run(
+        ["runuser", "-u", "nobody", "--", sys.executable, "-c", "import proxy"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+    )
+    if reach.returncode != 0:
+        pytest.skip(
+            f"user nobody cannot run {sys.executable} with this checkout: {reach.stderr[-200:]}"
+        )
     port = _free_privileged_port()
-    # Workers start as the user: what they read must be where it can go (pytest's own
-    # temporary directories are private to root).
+    # What workers read must be where the user can go (pytest's own temporary directories
+    # are private to root).
     work = Path(tempfile.mkdtemp(prefix="hsm-proxy-drop-"))
     request.addfinalizer(lambda: shutil.rmtree(work, ignore_errors=True))
     config = write_config(work, hsm, ca, upstream.url, "ec256", extra_tls=admin_section(60))

@@ -197,7 +197,11 @@ def test_key_generate_on_a_token_that_knows_no_sign_recover(
     assert parse_key_uri(result.stdout.strip()).object == "web"
     private = fresh_token.objects()[("Private", "web")]
     assert _field(private, "Access") == "sensitive, always sensitive, never extractable, local"
-    assert _field(private, "Usage") == "sign"
+    # Once the template stops naming the recover attributes the token's defaults apply:
+    # SoftHSM2 behind faulthsm turns sign-recover on (pkcs11-tool from OpenSC 0.26, Debian
+    # 13, shows it; 0.23 does not), while a token without sign-recover (CloudHSM) has none.
+    # Never anything but signing.
+    assert set(_field(private, "Usage").split(", ")) in ({"sign"}, {"sign", "signRecover"})
 
 
 WRONG_PIN = {"WRONG_PIN": "wrong-7731"}
