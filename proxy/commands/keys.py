@@ -16,9 +16,13 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from proxy.config import ProxyConfig, TokenConfig
+    from proxy.pkcs11.uri import KeyURI
 
 
 def add_parsers(commands: Any) -> None:
@@ -131,6 +135,17 @@ def key_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_holding(config: ProxyConfig, key: KeyURI) -> TokenConfig:
+    """The token table of ``config`` that ``key`` is in: the ``[tls.sni.token]`` of an
+    entry whose key it is, or whose key is in the same token, else ``[token]``."""
+    for site in config.tls.sni:
+        if site.token is not None and (
+            site.key == key or (key.token is not None and site.key.token == key.token)
+        ):
+            return site.token
+    return config.token
+
+
 def csr(args: argparse.Namespace) -> int:
     from proxy.config import load_config
     from proxy.ops.logs import audit_signature, connection_context
@@ -148,9 +163,10 @@ def csr(args: argparse.Namespace) -> int:
         if args.token is not None:
             raise ConfigError("--token goes with --module; with --config, the key URI names it")
         config = load_config(args.config)
-        module = config.token.module
         key = key or config.tls.key
-        pin_source = pin_source or config.token.pin
+        token_config = _token_holding(config, key)
+        module = token_config.module
+        pin_source = pin_source or token_config.pin
     else:
         module = args.module
         if key is None:

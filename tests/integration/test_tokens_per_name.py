@@ -198,3 +198,27 @@ def test_a_failing_token_fails_only_its_names_and_recovers_on_its_own(
         assert https_request(proxy.port, client_context(ca), server_name="api.test").status == 200
     finally:
         fault.clear()
+
+
+def test_csr_with_the_config_signs_a_names_key_in_that_names_own_token(
+    tmp_path: Path,
+    hsm: HSM,
+    ca: trustme.CA,
+    upstream: RecordingUpstream,
+    second_token: SecondToken,
+) -> None:
+    """``csr --config`` finds a [[tls.sni]] key in the entry's own token, with its PIN."""
+    config = _config(tmp_path, hsm, ca, upstream, second_token, hsm.module)
+    result = run_cli(
+        "csr", "--config", str(config), "--key", second_token.uri, "--subject", "CN=api.test",
+        "--san", "DNS:api.test",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    request = x509.load_pem_x509_csr(result.stdout.encode())
+    assert request.is_signature_valid
+    assert (
+        request.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        == second_token.public_key
+    )
