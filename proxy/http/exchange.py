@@ -40,7 +40,6 @@ line, a client that leaves mid-exchange too (its response's status, or 499 befor
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -111,11 +110,7 @@ class HTTP1Handler:
         exchange = _Exchange(client.stream, _client_info(client, http.forwarded), client.tls, http)
         exchange.metrics = client.server.metrics
         exchange.default_upstream = client.generation.upstream_serving(client.tls.context).name
-        # One cancel scope for every wait between requests of the connection, armed (a
-        # deadline, a place among the server's idle scopes) only while it waits: a scope per
-        # wait cost more than the deadline moves. Cancelled once (idle too long, draining),
-        # it ends the connection: a cancelled scope cannot be used again.
-        with trio.CancelScope(deadline=math.inf) as exchange.idle_scope, suppress(ClientGone):
+        with suppress(ClientGone):
             await _serve_http(exchange, self.routing(client.generation.config), client.server)
         if exchange.abort:
             return CloseMode.ABORT
@@ -153,8 +148,6 @@ class _Exchange:
         self.chunks: ChunkSizes | None = None
         # The access line's fields that stay the same for the connection, once known.
         self.access_fields: dict[str, object] | None = None
-        # The connection's wait between requests (HTTP1Handler.serve enters it).
-        self.idle_scope = trio.CancelScope()
 
     async def _receive(self) -> bytes:
         try:
@@ -188,23 +181,17 @@ class _Exchange:
             # Nothing of a request yet: the wait ends quietly on timeout or when draining.
             if state.draining:
                 return None
-            idle = self.idle_scope
-            idle.deadline = (
+            idle_deadline = (
                 trio.current_time() + http.idle_timeout if deadline is None else deadline
             )
-            state.idle_scopes.add(idle)
-            try:
-                # Cancelled here (idle too long, or the server is draining), it ends the
-                # connection quietly at the scope, in HTTP1Handler.serve.
-                data = await self._receive()
-            finally:
-                state.idle_scopes.discard(idle)
-            if idle.cancel_called:
-                # Cancelled just as bytes came: the scope would cancel the request at its
-                # first wait, so the connection ends as it would a moment later (a client
-                # must retry a request that meets a keep-alive close, RFC 9112, 9.3.1).
-                return None
-            idle.deadline = math.inf
+            with trio.CancelScope(deadline=idle_deadline) as idle:
+                state.idle_scopes.add(idle)
+                try:
+                    data = await self._receive()
+                finally:
+                    state.idle_scopes.discard(idle)
+            if idle.cancelled_caught:
+                return None  # idle too long, or the server is draining
             connection.receive_data(data)
 
     async def receive_body_data(self) -> None:
