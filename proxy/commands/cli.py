@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse, minus the echo of values in its errors: a PIN typed where it has no place
-    (``--pin=1234``, ``--pin-value 1234``) must not come back on stderr."""
+    (``--pin=SECRET``, ``--pin-value SECRET``) must not come back on stderr."""
 
     def error(self, message: str) -> NoReturn:
         super().error(_without_values(message))

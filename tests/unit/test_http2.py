@@ -3,30 +3,16 @@ HTTP/2 request head to HTTP/1.1 fields, the flood guard and the names of h2's er
 
 from __future__ import annotations
 
-import tomllib
-from pathlib import Path
-
 import pytest
 from h2.exceptions import DenialOfServiceError, InvalidBodyLengthError, ProtocolError
 
-from proxy.config import HTTP2Config, ProxyConfig, parse_config
+from proxy.config import HTTP2Config
 from proxy.errors import ConfigError
 from proxy.http2.guard import FloodGuard, error_kind
 from proxy.http2.messages import Malformed, request_head
+from tests.support.configs import minimal_config
 
-BASE = """
-upstream = "http://127.0.0.1:8080"
-[token]
-module = "/m.so"
-pin_env = "PIN"
-[tls]
-certificate = "c.pem"
-key = "pkcs11:object=k;type=private"
-"""
-
-
-def config(extra: str) -> ProxyConfig:
-    return parse_config(tomllib.loads(BASE + extra), Path("/etc/hsm-proxy"), "test")
+config = minimal_config
 
 
 def test_alpn_offers_h2_then_http11_by_default_and_can_turn_http2_off() -> None:

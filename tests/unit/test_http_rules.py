@@ -3,13 +3,12 @@ h11 events and decisions out. Plus the [http], [upstreams] and [[routes]] config
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import h11
 import pytest
 
-from proxy.config import HTTPConfig, Route, UpstreamConfig, UpstreamGroup, parse_config
+from proxy.config import HTTPConfig, Route, UpstreamConfig, UpstreamGroup
 from proxy.errors import ConfigError
 from proxy.http.rules import (
     ClientInfo,
@@ -22,6 +21,7 @@ from proxy.http.rules import (
     upstream_request,
 )
 from proxy.tls.clientauth import ClientIdentity
+from tests.support.configs import minimal_config
 
 LIMITS = HTTPConfig(max_request_line=100, max_header_bytes=400, max_headers=5, max_body_bytes=1000)
 
@@ -226,21 +226,7 @@ def test_routes_first_match_wins(
     assert choose_upstream(ROUTES, request, sni) == expected
 
 
-BASE = """
-upstream = "http://127.0.0.1:8080"
-[token]
-module = "/m.so"
-pin_env = "PIN"
-[tls]
-certificate = "c.pem"
-key = "pkcs11:object=k;type=private"
-"""
-
-
-def config(extra: str) -> Any:
-    import tomllib
-
-    return parse_config(tomllib.loads(BASE + extra), Path("/etc/hsm-proxy"), "test")
+config = minimal_config
 
 
 def test_http_config_defaults_and_routes() -> None:

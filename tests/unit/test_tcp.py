@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import socket
 import time
-import tomllib
-from pathlib import Path
 
 import pytest
 import trio
@@ -18,7 +16,6 @@ from proxy.config import (
     TCPConfig,
     UpstreamConfig,
     UpstreamGroup,
-    parse_config,
 )
 from proxy.errors import ConfigError
 from proxy.net.balancer import Balancer
@@ -27,6 +24,7 @@ from proxy.net.sockets import TCPStream
 from proxy.tcp.proxyproto import LOCAL_HEADER, encode_v2
 from proxy.tls.clientauth import ClientIdentity
 from proxy.tls.stream import TLSInfo
+from tests.support.configs import minimal_config
 
 BASE = """
 upstream = "tcp://127.0.0.1:6379"
@@ -48,7 +46,7 @@ upstream = "api"
 
 
 def config(extra: str, base: str = BASE) -> ProxyConfig:
-    return parse_config(tomllib.loads(base + extra), Path("/etc/hsm-proxy"), "test")
+    return minimal_config(extra, base)
 
 
 # --- configuration ---------------------------------------------------------------------------
