@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.support import StartProxy
+from tests.support import ProxyProcess, StartProxy
 from tests.support.http import exchange_raw, read_all, status_of, tls_connect, write_ca
 from tests.support.strict import StrictUpstream
 
@@ -152,9 +152,10 @@ def test_an_absolute_form_target_replaces_host_routes_by_it_and_goes_out_in_orig
     assert refused(proxy.port, ca, b"GET http://u:p@a/x HTTP/1.1\r\nHost: a\r\n\r\n") == 400
 
 
-def test_routes_match_the_normalised_path_which_is_what_the_upstream_receives(
-    start_proxy: StartProxy, strict: Callable[..., StrictUpstream], ca: trustme.CA
-) -> None:
+def _routed(
+    start_proxy: StartProxy, strict: Callable[..., StrictUpstream]
+) -> tuple[ProxyProcess, StrictUpstream, StrictUpstream]:
+    """A proxy routing ``/public`` to one strict upstream and the rest to another."""
     default, public = strict(), strict()
     proxy = start_proxy(
         default.url,
@@ -164,6 +165,13 @@ def test_routes_match_the_normalised_path_which_is_what_the_upstream_receives(
             '\n[[routes]]\npath_prefix = "/public"\nupstream = "public"\n'
         ),
     )
+    return proxy, default, public
+
+
+def test_routes_match_the_normalised_path_which_is_what_the_upstream_receives(
+    start_proxy: StartProxy, strict: Callable[..., StrictUpstream], ca: trustme.CA
+) -> None:
+    proxy, default, public = _routed(start_proxy, strict)
 
     def get(target: bytes) -> bytes:
         return b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -192,15 +200,7 @@ def test_allow_ambiguous_paths_forwards_them_in_one_normalised_form(
 def test_http2_routes_and_forwards_the_same_normalised_path(
     start_proxy: StartProxy, strict: Callable[..., StrictUpstream], ca: trustme.CA, tmp_path: Path
 ) -> None:
-    default, public = strict(), strict()
-    proxy = start_proxy(
-        default.url,
-        http=PATIENT,
-        extra=(
-            f'\n[upstreams.public]\nservers = ["{public.url}"]\n'
-            '\n[[routes]]\npath_prefix = "/public"\nupstream = "public"\n'
-        ),
-    )
+    proxy, default, public = _routed(start_proxy, strict)
 
     def curl(path: str) -> str:
         result = subprocess.run(
