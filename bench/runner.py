@@ -832,6 +832,8 @@ class Bench:
             self.unavailable.append(
                 Unavailable(scenario, "proxy-2w", "hsm-proxy run has no --workers option yet")
             )
+        if self.args.contenders is not None:
+            names = [name for name in names if name in self.args.contenders]
         return names
 
     def contender(self, name: str, scenario: str) -> Contender:
@@ -1272,6 +1274,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile", type=Path, default=None, help="record py-spy profiles of the proxy here"
     )
     parser.add_argument("--note", action="append", default=[], help="a line for RESULTS.md")
+    parser.add_argument(
+        "--contenders",
+        default=None,
+        type=lambda text: text.split(","),
+        help="only these (e.g. proxy,nginx): a quicker A/B; the ratios need the references",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repetitions, args.seconds = 1, 2.0

@@ -193,7 +193,9 @@ def _serve(
     from proxy.generation.steps import judge_custody, token_config
     from proxy.net.server import serve
     from proxy.ops.admin import Operations
+    from proxy.ops.allocator import tune_allocator
 
+    log.debug(tune_allocator())
     operations = Operations(config.admin)
 
     def observe(event: SignatureEvent) -> None:

@@ -206,7 +206,7 @@ class _Exchange:
             return
         raise _Reject(408)
 
-    async def send_raw(self, data: bytes) -> None:
+    async def send_raw(self, data: bytes | bytearray) -> None:
         """Send to the client; one that stops reading for ``http.body_timeout`` is dropped
         (the client's TCP stream has it as its send timeout)."""
         try:
@@ -480,21 +480,23 @@ async def _forward(
         status = exchange.response_status = event.status_code
         exchange.upstream_name = where
         closing = draining() or exchange.linger
-        pending = [exchange.h11.send(client_response(event, closing=closing)) or b""]
+        pending: list[bytes | bytearray] = [
+            exchange.h11.send(client_response(event, closing=closing)) or b""
+        ]
         while True:
             piece = upstream.next_event_nowait()
             if piece is h11.NEED_DATA:
                 if pending:
-                    await exchange.send_raw(b"".join(pending))
+                    await exchange.send_raw(_joined(pending))
                     pending = []
                 await upstream.receive_more()
             elif isinstance(piece, h11.Data):
-                # The body bytes as h11 framed them, not joined: the one join before the
-                # send is the only copy on the way to OpenSSL.
+                # The body bytes as h11 framed them, not joined: at most one join before
+                # the send, none for a piece of a Content-Length body that came alone.
                 pending.extend(exchange.h11.send_with_data_passthrough(piece) or ())
             elif isinstance(piece, h11.EndOfMessage):
                 pending.append(exchange.h11.send(h11.EndOfMessage()) or b"")
-                await exchange.send_raw(b"".join(pending))
+                await exchange.send_raw(_joined(pending))
                 break
             else:
                 raise UpstreamFailure(
@@ -522,6 +524,12 @@ async def _forward(
         raise
     await pool.release(upstream)
     return status, where
+
+
+def _joined(pieces: list[bytes | bytearray]) -> bytes | bytearray:
+    """One buffer for one TLS write: a lone piece as it is (no copy), else joined (a
+    response head goes out in the same record as its first body bytes)."""
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def _access(

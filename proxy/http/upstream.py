@@ -29,6 +29,7 @@ Sockets themselves are net/sockets.py's: this module connects and reads through 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -46,6 +47,20 @@ from proxy.net.sockets import TCPStream, connect_tcp
 # Large reads from backends: fewer h11 events and TLS batches per MiB (bench scenario 4);
 # bounded per read, so memory stays flat however large the body.
 _RECEIVE_SIZE = 262144
+
+
+class _ReceiveBuffer(threading.local):
+    """The one buffer every upstream read of a thread's event loop lands in: each read goes
+    straight on into h11 (which copies it) with no await between, so a relayed body costs
+    no new bytes object per read (bench/README.md, issue 13 round 3). Per thread, since
+    the kernel fills it with the interpreter lock released."""
+
+    def __init__(self) -> None:
+        self.data = bytearray(_RECEIVE_SIZE)
+        self.view = memoryview(self.data)
+
+
+_receive_buffer = _ReceiveBuffer()
 
 
 class UpstreamFailure(UpstreamError):
@@ -150,7 +165,7 @@ class UpstreamConnection:
 
     async def receive_more(self) -> None:
         """Read more of the response, within the read timeout."""
-        self.h11.receive_data(await self.receive())
+        await self._receive(wait_first=False)
 
     def take_over(self) -> tuple[TCPStream, bytes]:
         """After a 101 answer: the raw stream, and the bytes already read beyond the head.
@@ -168,10 +183,12 @@ class UpstreamConnection:
                 f"upstream {self.config} broke HTTP/1.1: {exc}", 502, kind="protocol"
             ) from None
 
-    async def receive(self) -> bytes:
-        """Raw bytes from the upstream within the read timeout (b"" at its end)."""
+    async def _receive(self, wait_first: bool) -> None:
+        """Raw bytes from the upstream into h11 within the read timeout (none: its end).
+        ``wait_first``: nothing can have come yet, so wait for readability before trying."""
+        buffer = _receive_buffer
         try:
-            data = await self.stream.receive_some(_RECEIVE_SIZE)
+            count = await self.stream.receive_into(buffer.data, wait_first)
         except trio.TooSlowError:
             raise UpstreamFailure(
                 f"upstream {self.config} sent nothing for {self.read_timeout:g}s",
@@ -182,20 +199,21 @@ class UpstreamConnection:
             raise UpstreamFailure(
                 f"upstream {self.config} reset the connection", 502, kind="reset"
             ) from exc
-        self.bytes_received += len(data)
-        return data
+        self.bytes_received += count
+        self.h11.receive_data(buffer.view[:count])  # type: ignore[arg-type] # h11 copies it
 
     async def next_event(self) -> h11.Event:
         """The next event from the upstream, reading as needed, within the read timeout."""
         connection = self.h11
         if connection.their_state is h11.SEND_RESPONSE and not any(connection.trailing_data):
-            # Waiting for a response head with nothing buffered: h11 could only say NEED_DATA.
-            connection.receive_data(await self.receive())
+            # Waiting for a response head with nothing buffered: h11 could only say
+            # NEED_DATA, and the socket is not readable yet either (the request just left).
+            await self._receive(wait_first=True)
         while True:
             event = self.next_event_nowait()
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
-            connection.receive_data(await self.receive())
+            await self._receive(wait_first=False)
 
     def start_next_cycle(self) -> None:
         self.h11.start_next_cycle()

@@ -103,6 +103,32 @@ class TCPStream(trio.abc.HalfCloseableStream):
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
 
+    async def receive_into(self, buffer: bytearray, wait_first: bool = False) -> int:
+        """Receive into ``buffer`` (no new bytes object per read: a relayed body's reads
+        reuse one); the count, 0 at the end of the stream. ``wait_first`` waits for
+        readability before the first try: for an answer that cannot be there yet (just
+        after a request went out), which saves a receive that would fail."""
+        await self._start()
+        waited = False
+        if wait_first:
+            await self._wait(readable=True)
+            waited = True
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed")
+            try:
+                count = self.socket.recv_into(buffer)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise self._broken(exc) from exc
+            else:
+                if not waited:
+                    self._unchecked += 1
+                return count
+            await self._wait(readable=True)
+            waited = True
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._start()
         view = memoryview(data)
