@@ -5,7 +5,8 @@ Theory of operation (docs/ARCHITECTURE.md, decision 6). :class:`SocketTLSStream`
 :class:`~proxy.tls.stream.TLSStream` whose connection has a socket BIO (``SSL_set_fd``
 through binding.py, :func:`~proxy.tls.binding.attach_socket`) instead of memory BIOs, so no
 ciphertext passes through Python: one ``SSL_read`` decrypts what the kernel holds (records
-are read ahead), one ``SSL_write`` encrypts and sends a whole response. "Want read" and
+are read ahead), one ``SSL_write`` encrypts and sends a whole response (its records
+gathered in a lent write buffer when there are several: writebuffer.py). "Want read" and
 "want write" become one wait on the transport's readiness (``wait_until_readable`` /
 ``wait_until_writable`` of :class:`SocketTransport`, net/sockets.py's ``TCPStream``: the net
 package owns every socket wait, under its timeouts), then the same call again.
@@ -37,6 +38,7 @@ import trio
 from OpenSSL import SSL
 
 from proxy.errors import TLSError
+from proxy.tls import writebuffer
 from proxy.tls.binding import (
     SSL_ERROR_SYSCALL,
     SSL_ERROR_WANT_READ,
@@ -203,23 +205,46 @@ class SocketTLSStream(TLSStream):
         lock = self._send_lock
         await _acquire(lock)
         try:
-            sent = 0
-            while sent < total:
-                # Without partial writes, SSL_write returns only once all it was given is
-                # out; after "want write" it is called again with the same bytes.
-                size = min(total - sent, _INT_MAX)
-                result = libssl.SSL_write(self._ssl_handle, plaintext + sent, size)
-                if result > 0:
-                    sent += result
-                    continue
-                error, reason = self._failure(result)
-                if error == SSL_ERROR_ZERO_RETURN:
-                    raise trio.BrokenResourceError("the peer closed the connection")
-                if reason:
-                    raise trio.BrokenResourceError(reason)
-                await self._wait_for(error, lock)
+            if total <= writebuffer.LEND_OVER:
+                await self._write(plaintext, total)
+                return
+            # More than one record: they gather in a lent buffer (writebuffer.py).
+            buffer = writebuffer.lend(self._ssl_handle)
+            try:
+                await self._write(plaintext, total)
+                while not self._flushed(buffer):
+                    await self._wait_for(SSL_ERROR_WANT_WRITE, lock)
+            finally:
+                writebuffer.give_back(self._ssl_handle, buffer)
         finally:
             lock.release()
+
+    async def _write(self, plaintext: Any, total: int) -> None:
+        """``SSL_write`` until all of ``plaintext`` is taken (under the send lock)."""
+        sent = 0
+        while sent < total:
+            # Without partial writes, SSL_write returns only once all it was given is
+            # out; after "want write" it is called again with the same bytes.
+            size = min(total - sent, _INT_MAX)
+            result = libssl.SSL_write(self._ssl_handle, plaintext + sent, size)
+            if result > 0:
+                sent += result
+                continue
+            error, reason = self._failure(result)
+            if error == SSL_ERROR_ZERO_RETURN:
+                raise trio.BrokenResourceError("the peer closed the connection")
+            if reason:
+                raise trio.BrokenResourceError(reason)
+            await self._wait_for(error, self._send_lock)
+
+    @staticmethod
+    def _flushed(buffer: Any) -> bool:
+        try:
+            return writebuffer.flush(buffer)
+        except OSError as exc:
+            raise trio.BrokenResourceError(
+                f"connection broken: {os.strerror(exc.errno or 0)}"
+            ) from None
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._socket.wait_until_writable()
