@@ -25,6 +25,7 @@ bad connection never stops a listener.
 from __future__ import annotations
 
 import itertools
+import socket
 import time
 from collections.abc import Mapping
 from contextlib import suppress
@@ -145,13 +146,13 @@ async def _admitted(state: ServerState, stream: TCPStream, peer: str) -> Handsha
     return None
 
 
-async def handle_connection(state: ServerState, accepted: trio.SocketStream) -> None:
+async def handle_connection(state: ServerState, accepted: socket.socket) -> None:
     """Everything one client connection goes through; never raises."""
     try:
-        stream = TCPStream.from_trio(accepted)
+        stream = TCPStream(accepted)
     except OSError:  # could not take the socket over: nothing was read or sent yet
         with suppress(OSError):
-            accepted.socket.close()
+            accepted.close()
         return
     connection_id = next(state.connection_ids)
     state.metrics.connection_opened()
