@@ -73,24 +73,10 @@ const char *SSL_group_to_name(SSL *ssl, int id);
 int SSL_pending(const SSL *ssl);
 size_t BIO_ctrl_pending(BIO *b);
 int SSL_set_fd(SSL *s, int fd);
-BIO *SSL_get_wbio(const SSL *s);
-void SSL_set0_wbio(SSL *s, BIO *wbio);
 int SSL_read(SSL *ssl, void *buf, int num);
 int SSL_write(SSL *ssl, const void *buf, int num);
 int SSL_get_error(const SSL *ssl, int ret);
 int SSL_shutdown(SSL *s);
-
-/* libcrypto: BIO chains (writebuffer.py) */
-typedef struct bio_method_st BIO_METHOD;
-const BIO_METHOD *BIO_f_buffer(void);
-BIO *BIO_new(const BIO_METHOD *type);
-int BIO_up_ref(BIO *a);
-int BIO_free(BIO *a);
-BIO *BIO_push(BIO *b, BIO *append);
-BIO *BIO_pop(BIO *b);
-BIO *BIO_next(BIO *b);
-long BIO_ctrl(BIO *bp, int cmd, long larg, void *parg);
-int BIO_test_flags(const BIO *b, int flags);
 
 /* libcrypto: errors, versions, certificates */
 const char *OpenSSL_version(int type);
@@ -177,12 +163,6 @@ SSL_CTRL_MODE = 33  # SSL_set_mode
 SSL_CTRL_CLEAR_MODE = 78  # SSL_clear_mode
 SSL_MODE_ENABLE_PARTIAL_WRITE = 0x1
 SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER = 0x2
-# BIO_ctrl commands and flags behind BIO's macros (bio.h)
-BIO_CTRL_RESET = 1  # BIO_reset
-BIO_CTRL_FLUSH = 11  # BIO_flush
-BIO_CTRL_WPENDING = 13  # BIO_wpending
-BIO_C_SET_BUFF_SIZE = 117  # BIO_set_write_buffer_size (with an int argument of 1)
-BIO_FLAGS_SHOULD_RETRY = 0x08  # BIO_should_retry
 # SSL_get_error's answers (ssl.h)
 SSL_ERROR_SSL = 1
 SSL_ERROR_WANT_READ = 2

@@ -5,11 +5,11 @@ Theory of operation (docs/ARCHITECTURE.md, decision 6). :class:`SocketTLSStream`
 :class:`~proxy.tls.stream.TLSStream` whose connection has a socket BIO (``SSL_set_fd``
 through binding.py, :func:`~proxy.tls.binding.attach_socket`) instead of memory BIOs, so no
 ciphertext passes through Python: one ``SSL_read`` decrypts what the kernel holds (records
-are read ahead), one ``SSL_write`` encrypts and sends a whole response (its records
-gathered in a lent write buffer when there are several: writebuffer.py). "Want read" and
+are read ahead), one ``SSL_write`` encrypts and sends a whole response (the socket corked
+while it writes several records, so that the kernel sends full segments). "Want read" and
 "want write" become one wait on the transport's readiness (``wait_until_readable`` /
 ``wait_until_writable`` of :class:`SocketTransport`, net/sockets.py's ``TCPStream``: the net
-package owns every socket wait, under its timeouts), then the same call again.
+package owns every socket wait and option, under its timeouts), then the same call again.
 
 What stays as in :class:`TLSStream`: the handshake's steps and their thread hand-off, what
 the handshake settled, the close modes, the errors. Per connection:
@@ -38,7 +38,6 @@ import trio
 from OpenSSL import SSL
 
 from proxy.errors import TLSError
-from proxy.tls import writebuffer
 from proxy.tls.binding import (
     SSL_ERROR_SYSCALL,
     SSL_ERROR_WANT_READ,
@@ -53,6 +52,7 @@ from proxy.tls.binding import (
 from proxy.tls.stream import TLSStream, _acquire
 
 _RECEIVE_SIZE = 65536
+_RECORD_SIZE = 16384  # the most plaintext one TLS record holds
 CHECKPOINT_EVERY = 4  # calls completed at once before one yields to the scheduler
 _INT_MAX = 2**31 - 1
 # The event loop's one receive buffer (see the module docstring).
@@ -73,6 +73,8 @@ class SocketTransport(Protocol):
     async def wait_until_writable(self) -> None: ...
 
     def readable_now(self) -> bool: ...
+
+    def cork(self, corked: bool) -> None: ...
 
 
 class SocketTLSStream(TLSStream):
@@ -205,17 +207,16 @@ class SocketTLSStream(TLSStream):
         lock = self._send_lock
         await _acquire(lock)
         try:
-            if total <= writebuffer.LEND_OVER:
+            if total <= _RECORD_SIZE:
                 await self._write(plaintext, total)
                 return
-            # More than one record: they gather in a lent buffer (writebuffer.py).
-            buffer = writebuffer.lend(self._ssl_handle)
+            # OpenSSL writes each record with its own write(): corked, the kernel sends
+            # full segments only, and the rest once uncorked (bench/README.md, round 3).
+            self._socket.cork(True)
             try:
                 await self._write(plaintext, total)
-                while not self._flushed(buffer):
-                    await self._wait_for(SSL_ERROR_WANT_WRITE, lock)
             finally:
-                writebuffer.give_back(self._ssl_handle, buffer)
+                self._socket.cork(False)
         finally:
             lock.release()
 
@@ -236,15 +237,6 @@ class SocketTLSStream(TLSStream):
             if reason:
                 raise trio.BrokenResourceError(reason)
             await self._wait_for(error, self._send_lock)
-
-    @staticmethod
-    def _flushed(buffer: Any) -> bool:
-        try:
-            return writebuffer.flush(buffer)
-        except OSError as exc:
-            raise trio.BrokenResourceError(
-                f"connection broken: {os.strerror(exc.errno or 0)}"
-            ) from None
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._socket.wait_until_writable()

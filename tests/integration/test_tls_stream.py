@@ -155,3 +155,44 @@ def test_a_large_response_waits_for_a_slow_reader_and_arrives_whole(
         assert bytes(received) == payload
 
     trio.run(main)
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A client and a server socket of one loopback TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client_end = socket.create_connection(listener.getsockname()[:2])
+        server_end, _ = listener.accept()
+    return client_end, server_end
+
+
+def test_a_send_of_many_records_leaves_a_tcp_socket_uncorked(
+    server_context: ServerContext, ca: trustme.CA
+) -> None:
+    """A send of several records is written corked (the kernel sends full segments only);
+    once it returns, the socket is uncorked: the response's last partial segment leaves at
+    once, not after the kernel's cork timeout, and a small response after it is not held."""
+    context, _token = server_context
+    payload = bytes(range(256)) * 64 * 5 + b"!"  # five full records and one byte
+
+    async def main() -> None:
+        client_end, server_end = _tcp_pair()
+        client_ssl = ssl.create_default_context()
+        ca.configure_trust(client_ssl)
+        client_transport = trio.SocketStream(trio.socket.from_stdlib_socket(client_end))
+        client = trio.SSLStream(client_transport, client_ssl, server_hostname="localhost")
+        server = _server(TCPStream(server_end), context, trio.CapacityLimiter(2))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            await server.do_handshake()
+        for message in (payload, b"and a small one"):
+            await server.send_all(message)
+            assert server_end.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+            received = bytearray()
+            with trio.fail_after(10):
+                while len(received) < len(message):
+                    received.extend(await client.receive_some())
+            assert bytes(received) == message
+        await server.aclose()
+        await client_transport.aclose()
+
+    trio.run(main)

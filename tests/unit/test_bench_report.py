@@ -83,3 +83,20 @@ def test_the_rsa_scenario_is_reported_beside_the_schema_not_in_it(tmp_path: Path
     assert text.index("## Scenario 1:") < text.index("## Scenario 1r:")
     raw = json.loads((tmp_path / "runs.json").read_text())
     assert [run["scenario"] for run in raw["runs"]] == ["1r", "1r", "1"]
+
+
+def test_ab_trees_are_named_directories_holding_proxy_with_their_environment(
+    tmp_path: Path,
+) -> None:
+    import pytest
+
+    from bench.ab import parse_trees
+
+    (tmp_path / "proxy").mkdir()
+    trees = parse_trees([f"A={tmp_path}", f"B={tmp_path},GLIBC_TUNABLES=x=1,FOO=bar"])
+    assert trees == {
+        "A": (str(tmp_path), {}),
+        "B": (str(tmp_path), {"GLIBC_TUNABLES": "x=1", "FOO": "bar"}),
+    }
+    with pytest.raises(SystemExit, match="not NAME=TREE"):
+        parse_trees([f"C={tmp_path / 'elsewhere'}"])
