@@ -189,8 +189,11 @@ async def _handshake_and_serve(
     started = time.perf_counter()
     try:
         try:
-            with trio.fail_after(generation.config.tls.handshake_timeout):
+            # trio.fail_after, without its generator-based context manager (per connection)
+            with trio.move_on_after(generation.config.tls.handshake_timeout) as bounded:
                 info = await tls.do_handshake()
+            if bounded.cancelled_caught:
+                raise trio.TooSlowError
         except trio.TooSlowError:
             state.metrics.handshake_finished(None, "timeout", 0.0)
             log.info("TLS handshake timed out", extra={"fields": context})

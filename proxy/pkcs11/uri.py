@@ -14,6 +14,7 @@ module involved) and unforgiving, because a lenient parser is how the wrong key 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -40,6 +41,11 @@ class KeyURI:
     slot_id: int | None = None
 
     def __str__(self) -> str:
+        return self._text
+
+    @functools.cached_property
+    def _text(self) -> str:
+        """The URI's text, rendered once (it names the key in every audit line)."""
         parts = []
         for name in ("token", "manufacturer", "serial", "model", "object"):
             value = getattr(self, name)
