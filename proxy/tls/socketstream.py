@@ -21,8 +21,9 @@ the handshake settled, the close modes, the errors. Per connection:
 * calls that complete at once yield to the scheduler every ``CHECKPOINT_EVERY``-th time,
   as the TCP stream does, so a bulk transfer stays fair and cancellable;
 * the plaintext of ``receive_some`` lands in one buffer shared by every stream of the
-  event loop (decryption and the copy out happen with no await between them), so an idle
-  connection holds no receive buffer of its own.
+  event loop's thread (decryption and the copy out happen with no await between them, and
+  another thread's loop, which runs while ``SSL_read`` has the interpreter lock released,
+  has its own), so an idle connection holds no receive buffer of its own.
 
 A non-socket transport (a memory stream in tests) keeps :class:`TLSStream`'s memory BIOs:
 :func:`open_tls_stream` picks the class from the transport.
@@ -31,6 +32,7 @@ A non-socket transport (a memory stream in tests) keeps :class:`TLSStream`'s mem
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -55,8 +57,16 @@ _RECEIVE_SIZE = 65536
 _RECORD_SIZE = 16384  # the most plaintext one TLS record holds
 CHECKPOINT_EVERY = 4  # calls completed at once before one yields to the scheduler
 _INT_MAX = 2**31 - 1
-# The event loop's one receive buffer (see the module docstring).
-_receive_buffer = ffi.new(f"char[{_RECEIVE_SIZE}]")
+
+
+class _ReceiveBuffer(threading.local):
+    """The one receive buffer of a thread's event loop (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.data = ffi.new(f"char[{_RECEIVE_SIZE}]")
+
+
+_receive_buffer = _ReceiveBuffer()
 
 
 @runtime_checkable
@@ -184,9 +194,10 @@ class SocketTLSStream(TLSStream):
         await _acquire(lock)
         try:
             while True:
-                result = libssl.SSL_read(self._ssl_handle, _receive_buffer, size)
+                buffer = _receive_buffer.data
+                result = libssl.SSL_read(self._ssl_handle, buffer, size)
                 if result > 0:
-                    return ffi.buffer(_receive_buffer, result)[:]  # type: ignore[no-any-return]
+                    return ffi.buffer(buffer, result)[:]  # type: ignore[no-any-return]
                 error, reason = self._failure(result)
                 if error == SSL_ERROR_ZERO_RETURN:
                     # close_notify, or (OP_IGNORE_UNEXPECTED_EOF) an end without one: h11

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 
 import pytest
 import trio
@@ -196,3 +197,51 @@ def test_a_send_of_many_records_leaves_a_tcp_socket_uncorked(
         await client_transport.aclose()
 
     trio.run(main)
+
+
+def test_event_loops_in_several_threads_receive_their_own_bytes(
+    server_context: ServerContext, ca: trustme.CA
+) -> None:
+    """Each thread's event loop has its own receive buffer: ``SSL_read`` runs with the
+    interpreter lock released, so a buffer shared across threads would take the other
+    loop's plaintext."""
+    context, _token = server_context
+    loops = range(3)
+    payloads = [bytes([number + 1]) * (16 * 1024 * 1024) for number in loops]
+    received: list[bytes] = [b"" for _ in loops]
+    failures: list[BaseException] = []
+
+    def run(index: int) -> None:
+        async def main() -> None:
+            client, server = _pair(context, ca, "socket")
+            got = bytearray()
+
+            async def send() -> None:
+                await client.send_all(payloads[index])
+                await client.aclose()
+
+            async def receive() -> None:
+                while data := await server.receive_some():
+                    got.extend(data)
+                await server.aclose()
+
+            with trio.fail_after(60):  # a guard against a hang, not a measure of speed
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send)
+                    nursery.start_soon(receive)
+            received[index] = bytes(got)
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # reported by the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in loops]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    for index in loops:
+        assert len(received[index]) == len(payloads[index])
+        assert received[index] == payloads[index], f"loop {index} got the other loop's bytes"
