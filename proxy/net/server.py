@@ -52,6 +52,29 @@ from proxy.tcp.handler import TCPHandler
 _LISTEN_BACKLOG = 4096
 # accept() errors that mean "out of resources for now": wait and try again (as trio does).
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# accept() errors about the one connection that went away (reset or refused before it was
+# taken; trio's SocketListener list): take the next one.
+_ACCEPT_GONE_ERRNOS = {
+    getattr(errno, name)
+    for name in (
+        "EPERM",  # Linux: denied by the firewall
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+}
 
 
 async def _accept(
@@ -116,7 +139,8 @@ async def _accept(
 
 
 async def _accept_one(listening: socket.socket, checkpoint: bool) -> socket.socket | None:
-    """A connection from the backlog at once, or None after waiting until there is one."""
+    """A connection from the backlog at once, or None after waiting until there is one (or
+    when the one in the backlog went away before it was taken)."""
     if checkpoint:
         await trio.lowlevel.checkpoint()
     try:
@@ -124,6 +148,10 @@ async def _accept_one(listening: socket.socket, checkpoint: bool) -> socket.sock
     except BlockingIOError:
         await trio.lowlevel.wait_readable(listening)
         return None
+    except OSError as exc:
+        if exc.errno in _ACCEPT_GONE_ERRNOS:
+            return None  # that connection is gone: the caller accepts again
+        raise
     # What trio.SocketStream sets: no Nagle delay, and writable only while at most 16 KiB
     # is unsent. Not for a Unix socket (refused there, as trio ignores it).
     with suppress(OSError):
