@@ -10,7 +10,8 @@ upstream group (the first matching route's, else the group of the connection's s
 ``[[tls.sni]]`` entry's ``upstream``, or the top-level one), and rewrite the head; an
 :class:`UpstreamPool` per group lends a keep-alive connection for the one exchange. The
 request body is streamed up and the response streamed back with backpressure: one buffer
-of at most 64 KiB per direction is in flight, so memory does not grow with the body.
+per direction is in flight (at most 64 KiB from the client, 256 KiB from the upstream),
+so memory does not grow with the body.
 Everything h11 can produce from bytes already received goes out in one send, so a
 response head leaves with its first body bytes (one TLS record for a small response). A
 101 answer to an Upgrade request turns the connection into a byte tunnel both ways until
