@@ -786,6 +786,28 @@ class Window:
         return self.foreign_front > FOREIGN_FRONT_LIMIT or self.foreign_cores > FOREIGN_LIMIT
 
 
+def measured(
+    scenario: str,
+    name: str,
+    repetition: int,
+    figures: dict[str, float],
+    checks: dict[str, Any],
+    window: Window,
+    failed: bool,
+) -> Run:
+    """One measurement as runs.json keeps it: figures rounded, the window's foreign CPU."""
+    return Run(
+        scenario,
+        name,
+        repetition,
+        {unit: round(value, 3) for unit, value in figures.items()},
+        checks,
+        round(window.foreign_cores, 3),
+        window.disturbed,
+        failed=failed,
+    )
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
@@ -965,14 +987,13 @@ class Bench:
             "foreign_cpu_on_frontend_core": round(window.foreign_front, 3),
             **counts,
         }
-        run = Run(
+        run = measured(
             scenario,
             name,
             repetition,
-            {unit: round(value, 3) for unit, value in figures.items()},
+            figures,
             checks,
-            round(window.foreign_cores, 3),
-            window.disturbed,
+            window,
             failed=checks["client_error_share"] > ERROR_LIMIT or contender.died(),
         )
         say(
@@ -1028,14 +1049,13 @@ class Bench:
             or result.get("protocol") != "h2"
             or contender.died()
         )
-        run = Run(
+        run = measured(
             "7",
             name,
             repetition,
-            {unit: round(value, 3) for unit, value in figures.items()},
+            figures,
             checks,
-            round(window.foreign_cores, 3),
-            window.disturbed,
+            window,
             failed=failed,
         )
         say(
@@ -1075,14 +1095,13 @@ class Bench:
                 figures[unit] = signatures / PAGE_LOADS
                 checks[f"{protocol}_requests"] = succeeded
                 failed = failed or succeeded < PAGE_LOADS * PAGE_REQUESTS
-        run = Run(
+        run = measured(
             "7p",
             name,
             repetition,
-            {unit: round(value, 3) for unit, value in figures.items()},
+            figures,
             checks,
-            round(window.foreign_cores, 3),
-            window.disturbed,
+            window,
             failed=failed or contender.died(),
         )
         say(f"  7p {name:<13} rep {repetition}: {_brief(figures)}")
@@ -1163,11 +1182,11 @@ class Bench:
             "KiB per connection": per_connection,
             "MiB resident with the connections open": after / 1024,
         }
-        run = Run(
+        run = measured(
             "5",
             name,
             repetition,
-            {unit: round(value, 3) for unit, value in figures.items()},
+            figures,
             {
                 "client_error_share": round(1 - opened / IDLE_CONNECTIONS, 4),
                 "connections_open": opened,
@@ -1175,8 +1194,7 @@ class Bench:
                 "rss_after_kib": after,
                 "client_errors": errors.strip()[:300],
             },
-            round(window.foreign_cores, 3),
-            window.disturbed,
+            window,
             failed=opened < IDLE_CONNECTIONS * (1 - ERROR_LIMIT) or contender.died(),
         )
         say(f"  5 {name:<13} rep {repetition}: {_brief(figures)} open {opened}")
