@@ -7,8 +7,11 @@ from pathlib import Path
 
 from proxy.config import ProxyConfig, parse_config
 
-HTTP_BASE = """
-upstream = "http://127.0.0.1:8080"
+
+def base_config(upstream: str) -> str:
+    """The smallest valid config file forwarding to ``upstream`` (http:// or tcp://)."""
+    return f"""
+upstream = "{upstream}"
 [token]
 module = "/m.so"
 pin_env = "PIN"
@@ -16,6 +19,9 @@ pin_env = "PIN"
 certificate = "c.pem"
 key = "pkcs11:object=k;type=private"
 """
+
+
+HTTP_BASE = base_config("http://127.0.0.1:8080")
 
 
 def minimal_config(extra: str = "", base: str = HTTP_BASE) -> ProxyConfig:

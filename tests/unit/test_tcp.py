@@ -24,17 +24,9 @@ from proxy.net.sockets import TCPStream
 from proxy.tcp.proxyproto import LOCAL_HEADER, encode_v2
 from proxy.tls.clientauth import ClientIdentity
 from proxy.tls.stream import TLSInfo
-from tests.support.configs import minimal_config
+from tests.support.configs import base_config, minimal_config
 
-BASE = """
-upstream = "tcp://127.0.0.1:6379"
-[token]
-module = "/m.so"
-pin_env = "PIN"
-[tls]
-certificate = "c.pem"
-key = "pkcs11:object=k;type=private"
-"""
+BASE = base_config("tcp://127.0.0.1:6379")
 
 SITE = """
 [[tls.sni]]
@@ -88,7 +80,7 @@ proxy_protocol = "off"
 
 
 def test_http_upstreams_offer_h2_then_http11_and_keep_port_80() -> None:
-    loaded = config("", base=BASE.replace("tcp://127.0.0.1:6379", "http://backend"))
+    loaded = config("", base=base_config("http://backend"))
     assert loaded.alpn_offer() == ((b"h2", b"http/1.1"), False)
     assert str(loaded.upstream) == "http://backend"
 
